@@ -1,0 +1,258 @@
+"""The netlink adapter: the only module that imports pyroute2 (lazily).
+
+A small set of idempotent operations that re-read kernel state, so concurrent
+ADDs racing on one bridge and retried ADDs after a crash both converge.
+`tests/unit/fake_netlink.py` implements the same interface for no-root tests.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .protocol.errors import CNIError, Code
+from .protocol.result import IPAddress, IPInterface, IPNetwork
+
+_AF = {4: 2, 6: 10}          # AF_INET, AF_INET6
+_IFA_F_NODAD = 0x02          # pods get no duplicate address detection wait (addresses are IPAM-unique)
+_BRIDGE_MODE_HAIRPIN = 1
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str
+    mac: str
+    mtu: int
+    master: int        # index of the bridge this link is a port of, 0 if none
+    up: bool
+    promisc: bool
+    hairpin: bool = False
+
+
+@dataclass(frozen=True)
+class KernelRouteInfo:
+    dst: IPNetwork
+    gw: Optional[IPAddress]
+    oif: int
+
+
+def _code(exc: BaseException) -> int:
+    return getattr(exc, "code", None) or getattr(exc, "errno", None) or 0
+
+
+class Netlink:
+    """rtnetlink in one network namespace (the current one when `netns` is None)."""
+
+    def __init__(self, netns: Optional[str] = None) -> None:
+        from pyroute2 import IPRoute
+
+        self.netns = netns
+        try:
+            # flags=0: never create a namespace that does not exist.
+            self.ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+        except OSError as exc:
+            raise CNIError(Code.INVALID_ENV, f"CNI_NETNS {netns!r} is not a usable network namespace",
+                           exc.strerror or str(exc)) from None
+
+    def close(self) -> None:
+        self.ipr.close()
+
+    def __enter__(self) -> "Netlink":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- links ---------------------------------------------------------------
+    def link(self, name: str) -> Optional[Link]:
+        try:
+            msgs = self.ipr.get_links(ifname=name)
+        except Exception as exc:
+            if _code(exc) in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+        return self._to_link(msgs[0]) if msgs else None
+
+    def link_by_index(self, index: int) -> Optional[Link]:
+        try:
+            msgs = self.ipr.get_links(index)
+        except Exception as exc:
+            if _code(exc) in (errno.ENODEV, errno.ENOENT):
+                return None
+            raise
+        return self._to_link(msgs[0]) if msgs else None
+
+    def _to_link(self, msg: Any) -> Link:
+        info = msg.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else ""
+        hairpin = False
+        protinfo = msg.get_attr("IFLA_PROTINFO")
+        if protinfo is not None:
+            hairpin = bool(protinfo.get_attr("IFLA_BRPORT_MODE"))
+        return Link(
+            index=msg["index"],
+            name=msg.get_attr("IFLA_IFNAME"),
+            kind=kind or "",
+            mac=(msg.get_attr("IFLA_ADDRESS") or "").lower(),
+            mtu=msg.get_attr("IFLA_MTU") or 0,
+            master=msg.get_attr("IFLA_MASTER") or 0,
+            up=bool(msg["flags"] & 1),
+            promisc=bool(msg["flags"] & 0x100),
+            hairpin=hairpin,
+        )
+
+    def ensure_bridge(self, name: str, mtu: Optional[int], promisc: bool) -> Link:
+        """Create the bridge if missing; tolerate a concurrent creator (EEXIST)."""
+        created = False
+        existing = self.link(name)
+        if existing is None:
+            try:
+                kwargs: dict[str, Any] = {"ifname": name, "kind": "bridge"}
+                if mtu:
+                    kwargs["mtu"] = mtu
+                self.ipr.link("add", **kwargs)
+                created = True
+            except Exception as exc:
+                if _code(exc) != errno.EEXIST:
+                    raise
+            existing = self.link(name)
+        if existing is None or existing.kind != "bridge":
+            raise CNIError(Code.BRIDGE_CONFLICT, f"interface {name} exists and is not a bridge",
+                           "choose another 'bridge' name or remove that interface")
+        if created:
+            # Pin the MAC so it no longer follows the lowest port MAC as pods come and go.
+            self.ipr.link("set", index=existing.index, address=existing.mac)
+        changes: dict[str, Any] = {}
+        if not existing.up:
+            changes["state"] = "up"
+        if promisc and not existing.promisc:
+            changes["flags"] = 0x100
+            changes["change"] = 0x100
+        if mtu and existing.mtu != mtu and not created:
+            changes["mtu"] = mtu
+        if changes:
+            self.ipr.link("set", index=existing.index, **changes)
+        return self.link(name) or existing
+
+    def add_veth(self, name: str, peer: str, peer_netns: str, mtu: Optional[int], peer_mac: str) -> Link:
+        """Create a veth here with its peer placed straight into `peer_netns`."""
+        import os
+
+        fd = os.open(peer_netns, os.O_RDONLY)
+        try:
+            peer_spec: dict[str, Any] = {"ifname": peer, "net_ns_fd": fd}
+            if mtu:
+                peer_spec["mtu"] = mtu
+            if peer_mac:
+                peer_spec["address"] = peer_mac
+            kwargs: dict[str, Any] = {"ifname": name, "kind": "veth", "peer": peer_spec}
+            if mtu:
+                kwargs["mtu"] = mtu
+            self.ipr.link("add", **kwargs)
+        finally:
+            os.close(fd)
+        link = self.link(name)
+        assert link is not None
+        return link
+
+    def attach(self, port: str, bridge: str, hairpin: bool) -> None:
+        port_link, bridge_link = self.link(port), self.link(bridge)
+        if port_link is None or bridge_link is None:
+            raise CNIError(Code.INTERNAL, f"cannot attach {port} to {bridge}: link vanished")
+        self.ipr.link("set", index=port_link.index, master=bridge_link.index, state="up")
+        if hairpin:
+            self.ipr.brport("set", index=port_link.index, mode=_BRIDGE_MODE_HAIRPIN)
+
+    def set_up(self, name: str) -> None:
+        link = self.link(name)
+        if link is not None and not link.up:
+            self.ipr.link("set", index=link.index, state="up")
+
+    def delete_link(self, name: str) -> bool:
+        """Delete if present; False when there was nothing to delete."""
+        link = self.link(name)
+        if link is None:
+            return False
+        try:
+            self.ipr.link("del", index=link.index)
+        except Exception as exc:
+            if _code(exc) not in (errno.ENODEV, errno.ENOENT):
+                raise
+            return False
+        return True
+
+    def port_hairpin(self, name: str) -> bool:
+        link = self.link(name)
+        if link is None:
+            return False
+        msgs = self.ipr.brport("show", index=link.index)
+        return any(self._to_link(m).hairpin for m in msgs)
+
+    # -- addresses ---------------------------------------------------------------
+    def addresses(self, name: str) -> list[IPInterface]:
+        link = self.link(name)
+        if link is None:
+            return []
+        found = []
+        for msg in self.ipr.get_addr(index=link.index):
+            addr = msg.get_attr("IFA_ADDRESS")
+            found.append(ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}"))
+        return found
+
+    def add_address(self, name: str, address: IPInterface) -> None:
+        """Add; an identical address already there (a concurrent ADD) is fine."""
+        link = self.link(name)
+        assert link is not None
+        kwargs: dict[str, Any] = {"index": link.index, "address": str(address.ip),
+                                  "prefixlen": address.network.prefixlen}
+        if address.version == 4:
+            kwargs["broadcast"] = str(address.network.broadcast_address)
+        else:
+            kwargs["flags"] = _IFA_F_NODAD
+        try:
+            self.ipr.addr("add", **kwargs)
+        except Exception as exc:
+            if _code(exc) != errno.EEXIST:
+                raise
+
+    def del_address(self, name: str, address: IPInterface) -> None:
+        link = self.link(name)
+        if link is None:
+            return
+        try:
+            self.ipr.addr("del", index=link.index, address=str(address.ip),
+                          prefixlen=address.network.prefixlen)
+        except Exception as exc:
+            if _code(exc) not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                raise
+
+    # -- routes --------------------------------------------------------------------
+    def routes(self, family: int) -> list[KernelRouteInfo]:
+        found = []
+        for msg in self.ipr.get_routes(family=_AF[family], table=254):
+            dst = msg.get_attr("RTA_DST")
+            prefix = f"{dst}/{msg['dst_len']}" if dst else ("0.0.0.0/0" if family == 4 else "::/0")
+            gw = msg.get_attr("RTA_GATEWAY")
+            found.append(KernelRouteInfo(
+                dst=ipaddress.ip_network(prefix, strict=False),
+                gw=ipaddress.ip_address(gw) if gw else None,
+                oif=msg.get_attr("RTA_OIF") or 0,
+            ))
+        return found
+
+    def add_route(self, dst: IPNetwork, gw: Optional[IPAddress], device: str) -> None:
+        link = self.link(device)
+        assert link is not None
+        kwargs: dict[str, Any] = {"dst": str(dst), "oif": link.index, "family": _AF[dst.version]}
+        if gw is not None:
+            kwargs["gateway"] = str(gw)
+        else:
+            kwargs["scope"] = 253  # link scope: the destination is on the wire
+        try:
+            self.ipr.route("add", **kwargs)
+        except Exception as exc:
+            if _code(exc) != errno.EEXIST:
+                raise

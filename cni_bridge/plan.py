@@ -1,0 +1,164 @@
+"""Pure planning: from config + IPAM result to exactly what the kernel should hold.
+
+No netlink, no files: everything the orchestration applies is decided here so
+it can be unit-tested without root.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import BridgeConf
+from .protocol.errors import CNIError, Code
+from .protocol.result import IPAddress, IPConfig, IPInterface, IPNetwork, Result, Route
+
+DEFAULT_ROUTE = {4: ipaddress.ip_network("0.0.0.0/0"), 6: ipaddress.ip_network("::/0")}
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+MASQ_CHAIN_PREFIX = "CBR-"
+COMMENT_PREFIX = "cni-bridge"
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """Deterministic, so a retried ADD or a DEL can find what an earlier run made."""
+    return "veth" + _digest(container_id, ifname)[:11]
+
+
+def masq_chain_name(network: str, container_id: str, ifname: str) -> str:
+    # iptables chain names hold at most 28 characters.
+    return MASQ_CHAIN_PREFIX + _digest(network, container_id, ifname)[:24]
+
+
+def masq_comment(network: str, container_id: str, ifname: str) -> str:
+    # None of the three can hold whitespace, so the comment parses back unambiguously.
+    return f"{COMMENT_PREFIX} net={network} id={container_id} if={ifname}"
+
+
+_COMMENT_RE = re.compile(r"^cni-bridge net=(\S+) id=(\S+) if=(\S+)$")
+
+
+def parse_masq_comment(comment: str) -> Optional[tuple[str, str, str]]:
+    """Inverse of masq_comment: (network, container ID, ifname), or None for foreign rules."""
+    match = _COMMENT_RE.search(comment)
+    return (match.group(1), match.group(2), match.group(3)) if match else None
+
+
+@dataclass(frozen=True)
+class MasqRule:
+    source: IPAddress          # the pod address whose traffic is masqueraded
+    subnet: IPNetwork          # traffic to the pod subnet is left alone
+
+
+@dataclass(frozen=True)
+class MasqPlan:
+    chain: str
+    comment: str
+    rules: tuple[MasqRule, ...]
+
+
+@dataclass(frozen=True)
+class KernelRoute:
+    dst: IPNetwork
+    gw: Optional[IPAddress]
+
+
+@dataclass(frozen=True)
+class AttachmentPlan:
+    bridge: str
+    mtu: Optional[int]
+    promisc: bool
+    hairpin: bool
+    host_veth: str
+    container_ifname: str
+    mac: str
+    addresses: tuple[IPInterface, ...]           # inside the container
+    routes: tuple[KernelRoute, ...]              # inside the container
+    gateway_addresses: tuple[IPInterface, ...]   # on the bridge
+    force_address: bool
+    forwarding: tuple[int, ...]                  # IP families to forward on the host
+    masq: Optional[MasqPlan]
+    result: Result                               # IPAM's result, completed (ips, routes, dns)
+
+
+def gateway_for(ip: IPConfig) -> IPAddress:
+    """IPAM's gateway, or the subnet's first address as the reference plugin does."""
+    return ip.gateway if ip.gateway is not None else ip.address.network[1]
+
+
+def plan_attachment(conf: BridgeConf, container_id: str, ifname: str,
+                    cni_args: dict[str, str], ipam: Result) -> AttachmentPlan:
+    if not ipam.ips:
+        raise CNIError(Code.INVALID_CONFIG, f"IPAM plugin {conf.ipam.type} returned no IP addresses")
+    mac = conf.requested_mac(cni_args)
+    if mac and not _MAC.match(mac):
+        raise CNIError(Code.INVALID_CONFIG, f"requested MAC {mac!r} is not a MAC address")
+
+    ips = tuple(
+        IPConfig(ip.address, gateway_for(ip) if conf.is_gateway else ip.gateway, interface=2)
+        for ip in ipam.ips
+    )
+    gateways_by_family: dict[int, IPAddress] = {}
+    for ip in ips:
+        if ip.gateway is not None:
+            gateways_by_family.setdefault(ip.family, ip.gateway)
+
+    result_routes = list(ipam.routes)
+    if conf.is_default_gateway:
+        have_default = {r.dst.version for r in ipam.routes if r.dst.prefixlen == 0}
+        for family, gw in gateways_by_family.items():
+            if family not in have_default:
+                result_routes.append(Route(dst=DEFAULT_ROUTE[family], gw=gw))
+
+    kernel_routes = []
+    for route in result_routes:
+        gw = route.gw if route.gw is not None else gateways_by_family.get(route.dst.version)
+        kernel_routes.append(KernelRoute(route.dst, gw))
+
+    gateway_addresses: tuple[IPInterface, ...] = ()
+    if conf.is_gateway:
+        seen = []
+        for ip in ips:
+            assert ip.gateway is not None
+            addr = ipaddress.ip_interface(f"{ip.gateway}/{ip.address.network.prefixlen}")
+            if addr not in seen:
+                seen.append(addr)
+        gateway_addresses = tuple(seen)
+
+    families = tuple(sorted({ip.family for ip in ips})) if (conf.is_gateway or conf.ip_masq) else ()
+    masq = None
+    if conf.ip_masq:
+        masq = MasqPlan(
+            chain=masq_chain_name(conf.name, container_id, ifname),
+            comment=masq_comment(conf.name, container_id, ifname),
+            rules=tuple(MasqRule(ip.address.ip, ip.address.network) for ip in ips),
+        )
+
+    return AttachmentPlan(
+        bridge=conf.bridge,
+        mtu=conf.mtu,
+        promisc=conf.promisc_mode,
+        hairpin=conf.hairpin_mode,
+        host_veth=host_veth_name(container_id, ifname),
+        container_ifname=ifname,
+        mac=mac.lower(),
+        addresses=tuple(ip.address for ip in ips),
+        routes=tuple(kernel_routes),
+        gateway_addresses=gateway_addresses,
+        force_address=conf.force_address,
+        forwarding=families,
+        masq=masq,
+        result=Result(ips=ips, routes=tuple(result_routes), dns=_dns(conf, ipam)),
+    )
+
+
+def _dns(conf: BridgeConf, ipam: Result):
+    """The bridge's own `dns` key wins over what IPAM returned."""
+    own = conf.dns.to_dns()
+    return ipam.dns if own.is_empty() else own

@@ -1,0 +1,190 @@
+"""cni-bridge's verbs, each reading top to bottom like the steps it takes."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable
+
+from . import ipam_client, masq, sysctl
+from .confbase import load
+from .config import BridgeConf
+from .plan import AttachmentPlan, host_veth_name, plan_attachment
+from .protocol.errors import CNIError, Code
+from .protocol.result import Interface, Result
+from .protocol.runner import Request
+
+log = logging.getLogger(__name__)
+
+
+def _netlink(netns: str | None = None) -> Any:
+    # Imported here so VERSION, STATUS and GC never pay for pyroute2.
+    from .netlink import Netlink
+
+    return Netlink(netns)
+
+
+def _quietly(action: Callable[..., Any], *args: Any) -> Callable[[], None]:
+    """A rollback step: best effort, never masks the error that triggered it."""
+    def run() -> None:
+        try:
+            action(*args)
+        except Exception as exc:  # rollback must go on with the next step
+            log.warning("rollback step %s failed: %s", getattr(action, "__name__", action), exc)
+    return run
+
+
+class BridgePlugin:
+    about = "cni-bridge: attach containers to a Linux bridge (reference `bridge` compatible)"
+
+    def __init__(self, netlink_factory: Callable[[str | None], Any] = _netlink) -> None:
+        self.netlink = netlink_factory
+
+    # -- ADD -------------------------------------------------------------------
+    def add(self, req: Request) -> Result:
+        conf = load(BridgeConf, req.config)
+        cmd = req.cmd
+        with contextlib.ExitStack() as cleanup:
+            container = self.netlink(cmd.netns)
+            cleanup.callback(container.close)
+            host = self.netlink(None)
+            cleanup.callback(host.close)
+            if container.link(cmd.ifname) is not None:
+                raise CNIError(Code.INTERFACE_EXISTS,
+                               f"interface {cmd.ifname} already exists in {cmd.netns}",
+                               "a second ADD for the same container and ifname needs a DEL first")
+            with contextlib.ExitStack() as undo:
+                ipam_result = ipam_client.add(req)
+                undo.callback(_quietly(ipam_client.delete, req))
+                plan = plan_attachment(conf, cmd.container_id, cmd.ifname, dict(cmd.args), ipam_result)
+
+                bridge = host.ensure_bridge(plan.bridge, plan.mtu, plan.promisc)
+                host.delete_link(plan.host_veth)  # left by an earlier ADD of this attachment that died
+                undo.callback(_quietly(host.delete_link, plan.host_veth))
+                host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
+                host.attach(plan.host_veth, plan.bridge, plan.hairpin)
+
+                for address in plan.addresses:
+                    container.add_address(cmd.ifname, address)
+                container.set_up(cmd.ifname)
+                for route in plan.routes:
+                    container.add_route(route.dst, route.gw, cmd.ifname)
+
+                for gateway in plan.gateway_addresses:
+                    self._ensure_gateway(host, plan, gateway)
+                sysctl.enable_forwarding(plan.forwarding)
+                if plan.masq:
+                    undo.callback(_quietly(masq.teardown, conf.name, cmd.container_id, cmd.ifname))
+                    masq.setup(plan.masq)
+
+                result = self._result(plan, host, container, cmd.netns, bridge.name)
+                undo.pop_all()
+                return result
+
+    @staticmethod
+    def _ensure_gateway(host: Any, plan: AttachmentPlan, gateway: Any) -> None:
+        for present in host.addresses(plan.bridge):
+            if present == gateway:
+                return
+            if present.version == gateway.version and present.network == gateway.network:
+                if not plan.force_address:
+                    raise CNIError(Code.BRIDGE_CONFLICT,
+                                   f"bridge {plan.bridge} already has an IP address different from {gateway}",
+                                   f"it holds {present}; set forceAddress to replace it")
+                host.del_address(plan.bridge, present)
+        host.add_address(plan.bridge, gateway)
+
+    @staticmethod
+    def _result(plan: AttachmentPlan, host: Any, container: Any, netns: str, bridge_name: str) -> Result:
+        bridge, veth, inner = host.link(bridge_name), host.link(plan.host_veth), container.link(plan.container_ifname)
+        if bridge is None or veth is None or inner is None:
+            raise CNIError(Code.INTERNAL, "an interface vanished while the attachment was being made")
+        interfaces = (
+            Interface(name=bridge.name, mac=bridge.mac),
+            Interface(name=veth.name, mac=veth.mac),
+            Interface(name=inner.name, mac=inner.mac, sandbox=netns),
+        )
+        return plan.result.with_(interfaces=interfaces)
+
+    # -- DEL ---------------------------------------------------------------------
+    def delete(self, req: Request) -> None:
+        """Best effort and idempotent: every step runs even if an earlier one failed."""
+        conf = load(BridgeConf, req.config)
+        cmd = req.cmd
+        errors: list[CNIError] = []
+
+        def step(action: Callable[[], Any]) -> None:
+            try:
+                action()
+            except CNIError as err:
+                errors.append(err)
+
+        if cmd.netns:
+            step(lambda: self._delete_container_link(cmd.netns, cmd.ifname))
+        step(lambda: self._delete_host_veth(cmd.container_id, cmd.ifname))
+        step(lambda: ipam_client.delete(req))
+        if conf.ip_masq:
+            step(lambda: masq.teardown(conf.name, cmd.container_id, cmd.ifname))
+        if errors:
+            raise errors[0]
+
+    def _delete_container_link(self, netns: str, ifname: str) -> None:
+        try:
+            container = self.netlink(netns)
+        except CNIError:
+            return  # the netns is already gone, and the veth with it
+        with container:
+            container.delete_link(ifname)
+
+    def _delete_host_veth(self, container_id: str, ifname: str) -> None:
+        # Normally gone with its peer; a crashed ADD can leave the host end alone.
+        with self.netlink(None) as host:
+            host.delete_link(host_veth_name(container_id, ifname))
+
+    # -- CHECK ----------------------------------------------------------------------
+    def check(self, req: Request) -> None:
+        conf = load(BridgeConf, req.config)
+        cmd = req.cmd
+        prev = conf.previous_result()
+        if prev is None:
+            raise CNIError(Code.INVALID_CONFIG, "CHECK needs prevResult in the config")
+        ipam_client.check(req)
+        from .check import verify_attachment
+
+        with self.netlink(None) as host, self.netlink(cmd.netns) as container:
+            verify_attachment(conf, cmd, prev, host, container)
+
+    # -- GC -------------------------------------------------------------------------
+    def gc(self, req: Request) -> None:
+        conf = load(BridgeConf, req.config)
+        keep = conf.gc_keep()
+        if keep is None:
+            raise CNIError(Code.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the config")
+        problems: list[str] = []
+        try:
+            ipam_client.gc(req)
+        except CNIError as err:
+            problems.append(f"IPAM: {err}")
+        try:
+            stale = masq.attachments(conf.name) - keep
+        except CNIError as err:
+            problems.append(f"masquerade rules: {err}")
+            stale = set()
+        for container_id, ifname in sorted(stale):
+            try:
+                masq.teardown(conf.name, container_id, ifname)
+            except CNIError as err:
+                problems.append(f"masquerade rules of {container_id}/{ifname}: {err}")
+        if problems:
+            raise CNIError(Code.IO_FAILURE, "GC could not remove everything", "; ".join(problems))
+
+    # -- STATUS ---------------------------------------------------------------------
+    def status(self, req: Request) -> None:
+        conf = load(BridgeConf, req.config)
+        if conf.ip_masq and not masq.available():
+            raise CNIError(Code.CANNOT_SERVE_ADD, "ipMasq is set but iptables is not installed")
+        try:
+            ipam_client.status(req)
+        except CNIError as err:
+            if err.code in (Code.CANNOT_SERVE_ADD, Code.LIMITED_CONNECTIVITY):
+                raise
+            raise CNIError(Code.CANNOT_SERVE_ADD, f"IPAM cannot serve ADD: {err.msg}", err.details) from None

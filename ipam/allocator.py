@@ -1,0 +1,168 @@
+"""Allocation policy over a Store: one address per range set, round-robin.
+
+Pure policy: no files, no clock, no boot ID of its own; all come in as
+arguments so tests drive it with a MemoryStore.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+from cni_bridge.protocol.errors import CNIError, Code
+from cni_bridge.protocol.result import IPAddress
+
+from .config import Range, RangeSet
+from .store import Owner, Reservation, Store
+
+
+@dataclass(frozen=True)
+class Allocation:
+    ip: IPAddress
+    range: Range
+
+
+class Allocator:
+    def __init__(self, store: Store, range_sets: Sequence[RangeSet], boot_id: str, now: float) -> None:
+        self.store = store
+        self.range_sets = list(range_sets)
+        self.boot_id = boot_id
+        self.now = now
+
+    # -- ADD ---------------------------------------------------------------
+    def allocate(self, owner: Owner, requested: Sequence[IPAddress] = ()) -> list[Allocation]:
+        """Reserve one address per range set for `owner`; repeat calls return the same ones."""
+        wanted = self._requested_per_set(requested)
+        with self.store.locked():
+            held = self.store.owned_by(owner)
+            chosen: list[Allocation] = []
+            for index, range_set in enumerate(self.range_sets):
+                chosen.append(self._choose(index, range_set, owner, held, wanted.get(index)))
+            # Intent first: the owner index names the IPs before their files exist,
+            # so a crash in between is repaired by the retry or by DEL.
+            self.store.set_owned(owner, [a.ip for a in chosen])
+            for index, alloc in enumerate(chosen):
+                self.store.put(Reservation(alloc.ip, owner[0], owner[1], self.boot_id, self.now))
+                self.store.set_last_reserved(index, alloc.ip)
+            return chosen
+
+    def _requested_per_set(self, requested: Sequence[IPAddress]) -> dict[int, IPAddress]:
+        wanted: dict[int, IPAddress] = {}
+        for ip in requested:
+            index = self._set_of(ip)
+            if index is None:
+                raise CNIError(
+                    Code.ADDRESS_UNAVAILABLE,
+                    f"requested IP {ip} is not inside any configured range",
+                    "request an address inside one of the ipam ranges",
+                )
+            if index in wanted:
+                raise CNIError(
+                    Code.ADDRESS_UNAVAILABLE,
+                    f"requested IPs {wanted[index]} and {ip} fall in the same range set",
+                    "one address is assigned per range set",
+                )
+            wanted[index] = ip
+        return wanted
+
+    def _set_of(self, ip: IPAddress) -> Optional[int]:
+        for index, range_set in enumerate(self.range_sets):
+            if any(r.contains(ip) for r in range_set):
+                return index
+        return None
+
+    def _choose(self, index: int, range_set: RangeSet, owner: Owner,
+                held: list[IPAddress], requested: Optional[IPAddress]) -> Allocation:
+        mine = [ip for ip in held if any(r.contains(ip) for r in range_set)]
+        for ip in mine:
+            current = self.store.get(ip)
+            if (current is None or current.owner == owner) and (requested is None or ip == requested):
+                return Allocation(ip, self._range_of(range_set, ip))
+        if requested is not None:
+            if not self._is_free(requested, owner):
+                raise CNIError(
+                    Code.ADDRESS_UNAVAILABLE,
+                    f"requested IP {requested} is already reserved by another container",
+                )
+            return Allocation(requested, self._range_of(range_set, requested))
+        for rng, ip in self._round_robin(index, range_set):
+            if ip != rng.gateway_ip and self._is_free(ip, owner):
+                return Allocation(ip, rng)
+        raise CNIError(
+            Code.RANGE_EXHAUSTED,
+            f"no IP addresses available in range set {', '.join(r.subnet for r in range_set)}",
+            "every address is reserved; free some (cni-ipam list / gc) or widen the range",
+        )
+
+    def _is_free(self, ip: IPAddress, owner: Owner) -> bool:
+        current = self.store.get(ip)
+        if current is None or current.owner == owner:
+            return True
+        # Reclaim only what an earlier boot left: its netns cannot exist any more.
+        return bool(self.boot_id and current.boot_id and not current.damaged
+                    and current.boot_id != self.boot_id)
+
+    @staticmethod
+    def _range_of(range_set: RangeSet, ip: IPAddress) -> Range:
+        return next(r for r in range_set if r.contains(ip))
+
+    def _round_robin(self, index: int, range_set: RangeSet) -> Iterator[tuple[Range, IPAddress]]:
+        """Every address of the set once, starting just after the last one handed out."""
+        last = self.store.last_reserved(index)
+        start_range = 0
+        start_ip: Optional[IPAddress] = None
+        if last is not None:
+            for pos, rng in enumerate(range_set):
+                if rng.contains(last):
+                    start_range, start_ip = pos, last
+                    break
+        count = len(range_set)
+        for step in range(count + 1):
+            rng = range_set[(start_range + step) % count]
+            if step == 0 and start_ip is not None:
+                if start_ip < rng.end:
+                    yield from ((rng, ip) for ip in rng.addresses_from(start_ip + 1))
+            elif step == count:
+                # Wrapped back to the first range: cover its head up to `last`.
+                if start_ip is not None:
+                    for ip in rng.addresses_from(rng.start):
+                        if ip > start_ip:
+                            break
+                        yield rng, ip
+            else:
+                yield from ((rng, ip) for ip in rng.addresses_from(rng.start))
+
+    # -- DEL / CHECK / GC ----------------------------------------------------
+    def release(self, owner: Owner) -> list[IPAddress]:
+        """Free what `owner` holds; a reservation reclaimed by someone else is left alone."""
+        with self.store.locked():
+            released = []
+            for ip in self.store.owned_by(owner):
+                current = self.store.get(ip)
+                if current is not None and current.owner == owner:
+                    self.store.delete(ip)
+                    released.append(ip)
+            self.store.set_owned(owner, [])
+            return released
+
+    def held_by(self, owner: Owner) -> list[IPAddress]:
+        with self.store.locked():
+            return [ip for ip in self.store.owned_by(owner)
+                    if (r := self.store.get(ip)) is not None and r.owner == owner]
+
+    def gc(self, live: set[Owner]) -> list[Reservation]:
+        """Drop every reservation and owner record whose owner is not in `live`."""
+        with self.store.locked():
+            dropped = [r for r in self.store.reservations() if not r.damaged and r.owner not in live]
+            for reservation in dropped:
+                self.store.delete(reservation.ip)
+            for owner in self.store.owners():
+                if owner not in live:
+                    self.store.set_owned(owner, [])
+            return dropped
+
+    def free_count(self, index: int) -> int:
+        """How many addresses of a range set are not reserved (gateway excluded)."""
+        range_set = self.range_sets[index]
+        total = sum(r.size() - (1 if r.contains(r.gateway_ip) else 0) for r in range_set)
+        taken = sum(1 for r in self.store.reservations() if self._set_of(r.ip) == index)
+        return total - taken

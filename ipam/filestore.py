@@ -1,0 +1,261 @@
+"""The on-disk store: one file per reserved IP under <dataDir>/<network>/.
+
+Layout (all writes go to a temp file, fsync, then rename, so nothing is torn):
+  lock                       flock(LOCK_EX) around every read-modify-write
+  <ip>                       JSON {containerID, ifname, boot, created}
+  last_reserved_ip.<set>     the last address handed out from range set <set>
+  owners/<cid>:<ifname>      JSON list of the IPs that attachment holds (the index
+                             that keeps DEL and repeated ADD O(1) in store size)
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import time
+from typing import Iterator, Optional
+
+from cni_bridge.protocol.errors import CNIError, Code
+from cni_bridge.protocol.result import IPAddress
+
+from .store import Owner, Reservation
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "lock"
+LAST_PREFIX = "last_reserved_ip."
+OWNERS_DIR = "owners"
+_TMP_PREFIX = ".tmp-"
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def current_boot_id(path: str = BOOT_ID_PATH) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def io_error(action: str, path: str, exc: OSError) -> CNIError:
+    hint = {
+        errno.EROFS: "the filesystem is read-only",
+        errno.ENOSPC: "the filesystem is full",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return CNIError(Code.IO_FAILURE, f"cannot {action} {path}: {hint}", "check the ipam dataDir")
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to `path` so a reader sees the old or the new file, never a torn one."""
+    directory = os.path.dirname(path)
+    tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise io_error("write", path, exc) from None
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _parse_ip(name: str) -> Optional[IPAddress]:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+class FileStore:
+    def __init__(self, data_dir: str, network: str, lock_timeout: float = 30.0) -> None:
+        self.dir = os.path.join(data_dir, network)
+        self.owners_dir = os.path.join(self.dir, OWNERS_DIR)
+        self.lock_timeout = lock_timeout
+        self._lock_depth = 0
+        self._lock_fd: Optional[int] = None
+
+    # -- locking -------------------------------------------------------------
+    def ensure_dirs(self) -> None:
+        try:
+            os.makedirs(self.owners_dir, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise io_error("create", self.owners_dir, exc) from None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive flock, re-entrant within one process, bounded wait (code 11)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.ensure_dirs()
+        path = os.path.join(self.dir, LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise io_error("open lock file", path, exc) from None
+        try:
+            self._acquire(fd, path)
+            self._lock_fd, self._lock_depth = fd, 1
+            try:
+                yield
+            finally:
+                self._lock_depth, self._lock_fd = 0, None
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _acquire(self, fd: int, path: str) -> None:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.002
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise CNIError(
+                        Code.TRY_AGAIN_LATER,
+                        f"timed out after {self.lock_timeout:g}s waiting for the IPAM lock {path}",
+                        "another cni-ipam holds it; retry",
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    # -- reservations ----------------------------------------------------------
+    def _ip_path(self, ip: IPAddress) -> str:
+        return os.path.join(self.dir, str(ip))
+
+    def _read(self, path: str) -> Optional[bytes]:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise io_error("read", path, exc) from None
+
+    def get(self, ip: IPAddress) -> Optional[Reservation]:
+        data = self._read(self._ip_path(ip))
+        return None if data is None else self._decode(ip, data)
+
+    def _decode(self, ip: IPAddress, data: bytes) -> Reservation:
+        try:
+            record = json.loads(data)
+            return Reservation(
+                ip=ip,
+                container_id=str(record["containerID"]),
+                ifname=str(record["ifname"]),
+                boot_id=str(record.get("boot", "")),
+                created=float(record.get("created", 0.0)),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        # host-local's format: "<cid>\r\n<ifname>" (so a migrated dataDir still reads).
+        text = data.decode("utf-8", "replace")
+        cid, sep, ifname = text.partition("\r\n")
+        if sep and cid.strip() and "\n" not in ifname:
+            return Reservation(ip=ip, container_id=cid.strip(), ifname=ifname.strip())
+        log.warning("reservation file for %s in %s is damaged; the address stays blocked", ip, self.dir)
+        return Reservation(ip=ip, container_id="", ifname="", damaged=True)
+
+    def put(self, reservation: Reservation) -> None:
+        record = {
+            "containerID": reservation.container_id,
+            "ifname": reservation.ifname,
+            "boot": reservation.boot_id,
+            "created": reservation.created,
+        }
+        write_atomic(self._ip_path(reservation.ip), json.dumps(record).encode())
+
+    def delete(self, ip: IPAddress) -> None:
+        self._unlink(self._ip_path(ip))
+
+    def _unlink(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise io_error("remove", path, exc) from None
+
+    def reservations(self) -> Iterator[Reservation]:
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise io_error("list", self.dir, exc) from None
+        for name in sorted(names):
+            ip = _parse_ip(name)
+            if ip is None:
+                continue  # lock, last_reserved_ip.*, owners/, temp or foreign files
+            data = self._read(os.path.join(self.dir, name))
+            if data is not None:
+                yield self._decode(ip, data)
+
+    # -- round-robin cursor ----------------------------------------------------
+    def last_reserved(self, set_index: int) -> Optional[IPAddress]:
+        data = self._read(os.path.join(self.dir, f"{LAST_PREFIX}{set_index}"))
+        return _parse_ip(data.decode("ascii", "replace").strip()) if data else None
+
+    def set_last_reserved(self, set_index: int, ip: IPAddress) -> None:
+        write_atomic(os.path.join(self.dir, f"{LAST_PREFIX}{set_index}"), str(ip).encode(), 0o644)
+
+    # -- owner index ------------------------------------------------------------
+    def _owner_path(self, owner: Owner) -> str:
+        # Container IDs and ifnames can never contain ':' or '/', so the name is unique.
+        return os.path.join(self.owners_dir, f"{owner[0]}:{owner[1]}")
+
+    def owned_by(self, owner: Owner) -> list[IPAddress]:
+        data = self._read(self._owner_path(owner))
+        if data is None:
+            return []
+        try:
+            return [ip for ip in map(_parse_ip, json.loads(data)) if ip is not None]
+        except (ValueError, TypeError):
+            log.warning("owner record %s is damaged; ignoring it", self._owner_path(owner))
+            return []
+
+    def set_owned(self, owner: Owner, ips: list[IPAddress]) -> None:
+        path = self._owner_path(owner)
+        if ips:
+            write_atomic(path, json.dumps([str(ip) for ip in ips]).encode())
+        else:
+            self._unlink(path)
+
+    def owners(self) -> list[Owner]:
+        try:
+            names = os.listdir(self.owners_dir)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise io_error("list", self.owners_dir, exc) from None
+        found = []
+        for name in names:
+            cid, sep, ifname = name.partition(":")
+            if sep and not name.startswith(_TMP_PREFIX):
+                found.append((cid, ifname))
+        return found
