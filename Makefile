@@ -1,0 +1,25 @@
+# The README's two commands: `make demo` and `make test`. Both set up what they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test unit integration clean
+
+setup:
+	WITH_RUNTIMES=1 ./scripts/setup.sh
+
+demo:
+	./scripts/setup.sh
+	$(PY) scripts/demo.py
+
+test: setup
+	./scripts/run_tests.sh
+
+unit:
+	./scripts/setup.sh
+	$(PY) -m pytest -q tests/unit
+
+integration: setup
+	$(PY) -m pytest -q tests/integration
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info
