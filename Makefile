@@ -23,3 +23,16 @@ integration: setup
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
+
+.PHONY: bench bundle kind-up kind-down
+bench: setup
+	$(PY) scripts/bench.py
+
+bundle: setup
+	./scripts/bundle.sh
+
+kind-up: bundle
+	./scripts/kind.sh up
+
+kind-down:
+	./scripts/kind.sh down
