@@ -27,6 +27,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]"
+  # (grep drops pip's noise about find-links folders this machine's pip config names)
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
   touch "$stamp"
 fi
