@@ -1,0 +1,145 @@
+"""Import rules of the design, checked on the source (ast) and on real processes (sys.modules)."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("cni_bridge", "ipam")
+
+
+def source_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an import statement in `path` names, relative imports resolved."""
+    tree = ast.parse(path.read_text(), str(path))
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            found.add(base)
+            # `from pkg import sub` may import the submodule pkg.sub
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def top(module: str) -> str:
+    return module.split(".")[0]
+
+
+ALL_FILES = [p for pkg in PACKAGES for p in source_files(pkg)]
+
+
+def test_the_scan_sees_the_code():
+    names = {module_name(p) for p in ALL_FILES}
+    assert {"cni_bridge.netlink", "cni_bridge.plugin", "cni_bridge.protocol.runner",
+            "ipam.plugin", "ipam.filestore"} <= names
+    # the resolver handles relative imports (netlink.py imports .protocol.errors)
+    assert "cni_bridge.protocol.errors" in imported_modules(ROOT / "cni_bridge" / "netlink.py")
+
+
+def test_only_the_netlink_adapter_imports_pyroute2():
+    importers = sorted(module_name(p) for p in ALL_FILES
+                       if any(top(m) == "pyroute2" for m in imported_modules(p)))
+    assert importers == ["cni_bridge.netlink"]
+
+
+@pytest.mark.parametrize("path", source_files("ipam"), ids=lambda p: p.name)
+def test_ipam_never_imports_pyroute2_netlink_or_the_bridge_plugin(path):
+    forbidden = {m for m in imported_modules(path)
+                 if top(m) == "pyroute2" or m in ("cni_bridge.netlink", "cni_bridge.plugin")}
+    assert forbidden == set()
+
+
+@pytest.mark.parametrize("path", source_files("cni_bridge/protocol"), ids=lambda p: p.name)
+def test_protocol_imports_only_the_standard_library_and_itself(path):
+    outside = {m for m in imported_modules(path)
+               if top(m) not in sys.stdlib_module_names and not m.startswith("cni_bridge.protocol")
+               and m != "__future__" and not m.startswith("__future__.")}
+    assert outside == set()
+
+
+# -- real processes ------------------------------------------------------------------------
+
+PROBE = """
+import sys
+sys.argv = ["plugin"]
+{call}
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"pyroute2", "pydantic"}})
+sys.stderr.write("\\nLOADED=" + ",".join(heavy) + "\\n")
+sys.exit(rc)
+"""
+
+
+def probe(call: str, env: dict, stdin: bytes = b"") -> tuple[int, dict | None, set[str]]:
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(call=call)], input=stdin, cwd=ROOT,
+                          env={**base, **env}, capture_output=True, timeout=60)
+    err = proc.stderr.decode()
+    loaded_line = [line for line in err.splitlines() if line.startswith("LOADED=")]
+    assert loaded_line, err
+    loaded = set(filter(None, loaded_line[-1][len("LOADED="):].split(",")))
+    out = json.loads(proc.stdout) if proc.stdout.strip() else None
+    return proc.returncode, out, loaded
+
+
+def ipam_config(tmp_path) -> bytes:
+    return json.dumps({
+        "cniVersion": "1.1.0", "name": "probe", "type": "cni-bridge", "daemonSocket": "",
+        "ipam": {"type": "cni-ipam", "dataDir": str(tmp_path), "ranges": [[{"subnet": "10.77.0.0/24"}]]},
+    }).encode()
+
+
+def test_the_probe_sees_pyroute2_when_it_is_imported():
+    # control: the detection is real (loading the adapter's IPRoute class needs no root)
+    rc, _, loaded = probe("from cni_bridge.netlink import _iproute_class\n_iproute_class()\nrc = 0", {})
+    assert rc == 0 and "pyroute2" in loaded
+
+
+def test_cni_ipam_add_never_loads_pyroute2(tmp_path):
+    env = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "probe1", "CNI_NETNS": "/var/run/netns/probe",
+           "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin"}
+    rc, out, loaded = probe("from ipam.main import main\nrc = main()", env, ipam_config(tmp_path))
+    assert rc == 0, out
+    assert out["ips"][0]["address"] == "10.77.0.2/24"
+    assert "pyroute2" not in loaded and "pydantic" in loaded
+
+
+def test_cni_bridge_version_loads_neither_pyroute2_nor_pydantic():
+    rc, out, loaded = probe("from cni_bridge.main import main\nrc = main()", {"CNI_COMMAND": "VERSION"},
+                            b'{"cniVersion": "1.0.0"}')
+    assert rc == 0 and out["cniVersion"] == "1.0.0" and "1.1.0" in out["supportedVersions"]
+    assert loaded == set()
+
+
+def test_cni_bridge_status_with_in_process_ipam_never_loads_pyroute2(tmp_path):
+    env = {"CNI_COMMAND": "STATUS", "CNI_PATH": "/opt/cni/bin"}
+    call = ("import os\nfrom cni_bridge.main import run_in_process\n"
+            "rc = run_in_process(os.environ, sys.stdin.buffer.read(), sys.stdout, sys.stderr)")
+    rc, out, loaded = probe(call, env, ipam_config(tmp_path))
+    assert rc == 0, out
+    assert "pyroute2" not in loaded
