@@ -41,7 +41,8 @@ class BridgeConf(NetConf):
     @field_validator("bridge")
     @classmethod
     def _bridge_name(cls, name: str) -> str:
-        if not name or len(name) > IFNAME_MAX or any(c in name for c in "/: \t\n"):
+        if not name or len(name) > IFNAME_MAX or name in (".", "..") or \
+                any(c in "/:" or c.isspace() for c in name):
             raise ValueError(f"must be a valid interface name of at most {IFNAME_MAX} characters")
         return name
 

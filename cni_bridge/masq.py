@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import subprocess
 from typing import Iterable
 
-from .plan import MULTICAST, MasqPlan, masq_chain_name, parse_masq_comment
+from .plan import MULTICAST, MasqPlan, masq_chain_name, masq_comment_network, parse_masq_comment
 from .protocol.errors import CNIError, Code
 
 _TOOLS = {4: "iptables", 6: "ip6tables"}
@@ -28,6 +27,8 @@ def _tool(family: int, suffix: str = "") -> str:
 
 
 def _run(argv: list[str], stdin: str = "") -> str:
+    import subprocess   # here: STATUS and ipMasq-off calls never need it
+
     proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
     if proc.returncode != 0:
         raise CNIError(Code.FIREWALL_FAILED, f"{' '.join(argv[:3])} failed: {proc.stderr.strip()}")
@@ -98,7 +99,7 @@ def attachments(network: str) -> set[tuple[str, str]]:
             continue
         for line in _rules(family, "POSTROUTING"):
             owner = _owner_of(shlex.split(line))
-            if owner and owner[0] == network:
+            if owner and owner[0] == masq_comment_network(network):
                 found.add((owner[1], owner[2]))
     return found
 

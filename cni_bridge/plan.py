@@ -36,9 +36,15 @@ def masq_chain_name(network: str, container_id: str, ifname: str) -> str:
     return MASQ_CHAIN_PREFIX + _digest(network, container_id, ifname)[:24]
 
 
+def masq_comment_network(network: str) -> str:
+    """The network as written in rule comments: iptables cuts comments at 255 characters,
+    so a long name is replaced by a digest (and GC/CHECK still find the rule's owner)."""
+    return network if len(network) <= 64 else "sha256:" + _digest(network)[:24]
+
+
 def masq_comment(network: str, container_id: str, ifname: str) -> str:
     # None of the three can hold whitespace, so the comment parses back unambiguously.
-    return f"{COMMENT_PREFIX} net={network} id={container_id} if={ifname}"
+    return f"{COMMENT_PREFIX} net={masq_comment_network(network)} id={container_id} if={ifname}"
 
 
 _COMMENT_RE = re.compile(r"^cni-bridge net=(\S+) id=(\S+) if=(\S+)$")

@@ -6,6 +6,7 @@ import logging
 from typing import Any, Callable
 
 from . import ipam_client, masq, sysctl
+from .faults import point
 from .confbase import load
 from .config import BridgeConf
 from .plan import AttachmentPlan, host_veth_name, plan_attachment
@@ -55,28 +56,38 @@ class BridgePlugin:
             with contextlib.ExitStack() as undo:
                 ipam_result = ipam_client.add(req)
                 undo.callback(_quietly(ipam_client.delete, req))
+                point("add.ipam-reserved")
                 plan = plan_attachment(conf, cmd.container_id, cmd.ifname, dict(cmd.args), ipam_result)
 
                 bridge = host.ensure_bridge(plan.bridge, plan.mtu, plan.promisc)
+                point("add.bridge-ready")
                 host.delete_link(plan.host_veth)  # left by an earlier ADD of this attachment that died
                 undo.callback(_quietly(host.delete_link, plan.host_veth))
                 host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
+                point("add.veth-created")
                 host.attach(plan.host_veth, plan.bridge, plan.hairpin)
+                point("add.veth-attached")
 
                 for address in plan.addresses:
                     container.add_address(cmd.ifname, address)
+                point("add.addresses-set")
                 container.set_up(cmd.ifname)
                 for route in plan.routes:
                     container.add_route(route.dst, route.gw, cmd.ifname)
+                point("add.routes-set")
 
                 for gateway in plan.gateway_addresses:
                     self._ensure_gateway(host, plan, gateway)
+                point("add.gateway-set")
                 sysctl.enable_forwarding(plan.forwarding)
+                point("add.forwarding-set")
                 if plan.masq:
                     undo.callback(_quietly(masq.teardown, conf.name, cmd.container_id, cmd.ifname))
                     masq.setup(plan.masq)
+                    point("add.masq-set")
 
                 result = self._result(plan, host, container, cmd.netns, bridge.name)
+                point("add.result-ready")
                 undo.pop_all()
                 return result
 
@@ -120,10 +131,14 @@ class BridgePlugin:
 
         if cmd.netns:
             step(lambda: self._delete_container_link(cmd.netns, cmd.ifname))
+            point("del.container-link-removed")
         step(lambda: self._delete_host_veth(cmd.container_id, cmd.ifname))
+        point("del.host-veth-removed")
         step(lambda: ipam_client.delete(req))
+        point("del.ipam-released")
         if conf.ip_masq:
             step(lambda: masq.teardown(conf.name, cmd.container_id, cmd.ifname))
+            point("del.masq-removed")
         if errors:
             raise errors[0]
 

@@ -5,9 +5,11 @@ arguments so tests drive it with a MemoryStore.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+from cni_bridge.faults import point
 from cni_bridge.protocol.errors import CNIError, Code
 from cni_bridge.protocol.result import IPAddress
 
@@ -29,10 +31,15 @@ class Allocator:
         self.now = now
 
     # -- ADD ---------------------------------------------------------------
-    def allocate(self, owner: Owner, requested: Sequence[IPAddress] = ()) -> list[Allocation]:
-        """Reserve one address per range set for `owner`; repeat calls return the same ones."""
+    def allocate(self, owner: Owner, requested: Sequence[IPAddress] = (), netns: str = "") -> list[Allocation]:
+        """Reserve one address per range set for `owner`; repeat calls return the same ones.
+
+        `netns` is recorded with each reservation so `cni-ipam check` can tell
+        when the container's namespace is gone. A failed write undoes the others.
+        """
         wanted = self._requested_per_set(requested)
         with self.store.locked():
+            point("ipam.add.locked")
             held = self.store.owned_by(owner)
             chosen: list[Allocation] = []
             for index, range_set in enumerate(self.range_sets):
@@ -40,10 +47,36 @@ class Allocator:
             # Intent first: the owner index names the IPs before their files exist,
             # so a crash in between is repaired by the retry or by DEL.
             self.store.set_owned(owner, [a.ip for a in chosen])
-            for index, alloc in enumerate(chosen):
-                self.store.put(Reservation(alloc.ip, owner[0], owner[1], self.boot_id, self.now))
-                self.store.set_last_reserved(index, alloc.ip)
+            point("ipam.add.owner-recorded")
+            try:
+                for index, alloc in enumerate(chosen):
+                    self.store.put(Reservation(alloc.ip, owner[0], owner[1], self.boot_id, self.now, netns=netns))
+                    point("ipam.add.ip-written")
+                    self.store.set_last_reserved(index, alloc.ip)
+            except CNIError:
+                self._undo_allocate(owner, held, chosen)
+                raise
+            # A repeated ADD that moved to other addresses (another requested IP, changed
+            # ranges) frees those it no longer holds: the owner index above dropped them.
+            for stale in set(held) - {a.ip for a in chosen}:
+                with contextlib.suppress(CNIError):
+                    current = self.store.get(stale)
+                    if current is not None and current.owner == owner:
+                        self.store.delete(stale)
+            point("ipam.add.cursor-written")
             return chosen
+
+    def _undo_allocate(self, owner: Owner, held: list[IPAddress], chosen: list[Allocation]) -> None:
+        """Best effort after a failed write (full or read-only disk): leave the store as it was."""
+        for alloc in chosen:
+            if alloc.ip in held:
+                continue
+            with contextlib.suppress(CNIError):
+                current = self.store.get(alloc.ip)
+                if current is not None and current.owner == owner:
+                    self.store.delete(alloc.ip)
+        with contextlib.suppress(CNIError):
+            self.store.set_owned(owner, held)
 
     def _requested_per_set(self, requested: Sequence[IPAddress]) -> dict[int, IPAddress]:
         wanted: dict[int, IPAddress] = {}
@@ -78,27 +111,32 @@ class Allocator:
             if (current is None or current.owner == owner) and (requested is None or ip == requested):
                 return Allocation(ip, self._range_of(range_set, ip))
         if requested is not None:
+            if requested == self._range_of(range_set, requested).gateway_ip:
+                raise CNIError(Code.ADDRESS_UNAVAILABLE, f"requested IP {requested} is the subnet's gateway",
+                               "the gateway address belongs to the bridge; request another address")
             if not self._is_free(requested, owner):
                 raise CNIError(
                     Code.ADDRESS_UNAVAILABLE,
                     f"requested IP {requested} is already reserved by another container",
                 )
             return Allocation(requested, self._range_of(range_set, requested))
-        for rng, ip in self._round_robin(index, range_set):
-            if ip != rng.gateway_ip and self._is_free(ip, owner):
-                return Allocation(ip, rng)
+        # A never-used address first; an earlier boot's reservation only when none is left.
+        for reclaim in (False, True):
+            for rng, ip in self._round_robin(index, range_set):
+                if ip != rng.gateway_ip and self._is_free(ip, owner, reclaim):
+                    return Allocation(ip, rng)
         raise CNIError(
             Code.RANGE_EXHAUSTED,
             f"no IP addresses available in range set {', '.join(r.subnet for r in range_set)}",
             "every address is reserved; free some (cni-ipam list / gc) or widen the range",
         )
 
-    def _is_free(self, ip: IPAddress, owner: Owner) -> bool:
+    def _is_free(self, ip: IPAddress, owner: Owner, reclaim: bool = True) -> bool:
         current = self.store.get(ip)
         if current is None or current.owner == owner:
             return True
         # Reclaim only what an earlier boot left: its netns cannot exist any more.
-        return bool(self.boot_id and current.boot_id and not current.damaged
+        return bool(reclaim and self.boot_id and current.boot_id and not current.damaged
                     and current.boot_id != self.boot_id)
 
     @staticmethod
@@ -135,13 +173,16 @@ class Allocator:
     def release(self, owner: Owner) -> list[IPAddress]:
         """Free what `owner` holds; a reservation reclaimed by someone else is left alone."""
         with self.store.locked():
+            point("ipam.del.locked")
             released = []
             for ip in self.store.owned_by(owner):
                 current = self.store.get(ip)
                 if current is not None and current.owner == owner:
                     self.store.delete(ip)
                     released.append(ip)
+                    point("ipam.del.ip-removed")
             self.store.set_owned(owner, [])
+            point("ipam.del.owner-removed")
             return released
 
     def held_by(self, owner: Owner) -> list[IPAddress]:

@@ -19,6 +19,7 @@ import os
 import time
 from typing import Iterator, Optional
 
+from cni_bridge.faults import point
 from cni_bridge.protocol.errors import CNIError, Code
 from cni_bridge.protocol.result import IPAddress
 
@@ -62,6 +63,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        point("ipam.store.temp-written")
         os.replace(tmp, path)
         fsync_dir(directory)
     except OSError as exc:
@@ -129,7 +131,9 @@ class FileStore:
 
     def _acquire(self, fd: int, path: str) -> None:
         deadline = time.monotonic() + self.lock_timeout
-        delay = 0.002
+        # Poll often: a lock is held for a few ms, and a waiter that backs off to
+        # 50 ms sleeps through many hand-overs (it halved a 40-pod burst's throughput).
+        delay = 0.001
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -142,7 +146,7 @@ class FileStore:
                         "another cni-ipam holds it; retry",
                     ) from None
                 time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                delay = min(delay * 2, 0.002)
 
     # -- reservations ----------------------------------------------------------
     def _ip_path(self, ip: IPAddress) -> str:
@@ -154,6 +158,8 @@ class FileStore:
                 return f.read()
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            return b""  # a foreign directory with a store name: read as a damaged record
         except OSError as exc:
             raise io_error("read", path, exc) from None
 
@@ -170,6 +176,7 @@ class FileStore:
                 ifname=str(record["ifname"]),
                 boot_id=str(record.get("boot", "")),
                 created=float(record.get("created", 0.0)),
+                netns=str(record.get("netns", "")),
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
@@ -188,6 +195,8 @@ class FileStore:
             "boot": reservation.boot_id,
             "created": reservation.created,
         }
+        if reservation.netns:
+            record["netns"] = reservation.netns
         write_atomic(self._ip_path(reservation.ip), json.dumps(record).encode())
 
     def delete(self, ip: IPAddress) -> None:
@@ -215,6 +224,22 @@ class FileStore:
             data = self._read(os.path.join(self.dir, name))
             if data is not None:
                 yield self._decode(ip, data)
+
+    def sweep_temp_files(self) -> list[str]:
+        """Remove temp files a killed writer left; call with the lock held (every writer holds it)."""
+        removed = []
+        for directory in (self.dir, self.owners_dir):
+            try:
+                names = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise io_error("list", directory, exc) from None
+            for name in names:
+                if name.startswith(_TMP_PREFIX):
+                    self._unlink(os.path.join(directory, name))
+                    removed.append(os.path.join(directory, name))
+        return removed
 
     # -- round-robin cursor ----------------------------------------------------
     def last_reserved(self, set_index: int) -> Optional[IPAddress]:

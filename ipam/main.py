@@ -14,16 +14,29 @@ environment; it prints the result JSON on stdout.
 Example network config:
   "ipam": {"type": "cni-ipam", "ranges": [[{"subnet": "10.22.0.0/16"}]],
            "routes": [{"dst": "0.0.0.0/0"}], "dataDir": "/var/lib/cni/networks"}
+
+Run without CNI_COMMAND it is a tool for operators (see `cni-ipam COMMAND --help`):
+  cni-ipam list      show the reservations of a dataDir
+  cni-ipam check     report suspected leaks
+  cni-ipam release   free one reservation
+  cni-ipam gc        free every reservation not in a list of live containers
 """
 
 
 def main() -> int:
     if "CNI_COMMAND" not in os.environ:
+        if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help"):
+            from .cli import main as cli_main
+
+            return cli_main(sys.argv[1:], sys.stdout, sys.stderr)
         sys.stderr.write(USAGE)
         return 0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2
-    from cni_bridge.protocol.runner import run
+    from cni_bridge import faults
+    from cni_bridge.oplog import IPAM_LOG_KEYS, run_logged
 
-    return run(_load_plugin, os.environ, sys.stdin.buffer.read(), sys.stdout)
+    faults.arm(os.environ.get(faults.ENV_VAR))  # test-only; unset in production
+    return run_logged("cni-ipam", _load_plugin, os.environ, sys.stdin.buffer.read(), sys.stdout,
+                      IPAM_LOG_KEYS)
 
 
 def _load_plugin():

@@ -29,7 +29,11 @@ class IpamPlugin:
     def add(self, req: Request) -> Result:
         conf = load(IPAMNetConf, req.config)
         owner = (req.cmd.container_id, req.cmd.ifname)
-        allocations = open_allocator(conf).allocate(owner, conf.requested_ips(dict(req.cmd.args)))
+        dns = conf.dns.to_dns()
+        if conf.ipam.resolv_conf:  # read before reserving, so a bad file leaks no reservation
+            dns = _merge_dns(load_resolv_conf(conf.ipam.resolv_conf), dns)
+        allocations = open_allocator(conf).allocate(owner, conf.requested_ips(dict(req.cmd.args)),
+                                                    netns=req.cmd.netns)
         ips = tuple(
             IPConfig(
                 address=ipaddress.ip_interface(f"{a.ip}/{a.range.network.prefixlen}"),
@@ -37,9 +41,6 @@ class IpamPlugin:
             )
             for a in allocations
         )
-        dns = conf.dns.to_dns()
-        if conf.ipam.resolv_conf:
-            dns = _merge_dns(load_resolv_conf(conf.ipam.resolv_conf), dns)
         return Result(ips=ips, routes=tuple(r.to_route() for r in conf.ipam.routes), dns=dns)
 
     def delete(self, req: Request) -> None:
@@ -64,7 +65,11 @@ class IpamPlugin:
         keep = conf.gc_keep()
         if keep is None:
             raise CNIError(Code.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the config")
-        open_allocator(conf).gc(keep)
+        allocator = open_allocator(conf)
+        with allocator.store.locked():
+            allocator.gc(keep)
+            if isinstance(allocator.store, FileStore):
+                allocator.store.sweep_temp_files()  # left by a writer killed mid-write
 
     def status(self, req: Request) -> None:
         conf = load(IPAMNetConf, req.config)

@@ -23,6 +23,8 @@ class Reservation:
     created: float = 0.0
     # True when the record on disk could not be read; it still blocks the IP.
     damaged: bool = False
+    # CNI_NETNS at ADD time ("" when unknown), for operator leak checks.
+    netns: str = ""
 
     @property
     def owner(self) -> Owner:

@@ -1,7 +1,34 @@
 import pytest
 
+from tests.integration.cnitest import Cni
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "tests/integration" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def cni(cni_host, tmp_path) -> Cni:
+    """The scratch host netns with a runner that checks every plugin answer for tracebacks."""
+    return Cni(cni_host, tmp_path)
+
+
+@pytest.fixture
+def pod(make_netns):
+    """A fresh container netns (deleted at teardown)."""
+    return make_netns("p")
+
+
+@pytest.fixture(scope="session")
+def cnitool_bin():
+    """build/cnitool (the libcni harness), built once per session by tests/harness/build_cnitool.sh."""
+    from tests.support.runtime import build_cnitool
+
+    path, why = build_cnitool()
+    if path is None:
+        if why.startswith("BUILD FAILED"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    return path
