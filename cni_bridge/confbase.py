@@ -6,13 +6,40 @@ carries other plugins' keys). Any validation failure becomes CNI error 7.
 from __future__ import annotations
 
 import ipaddress
+import sys
+import types
 from typing import Any, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic.alias_generators import to_camel
 
-from .protocol.errors import CNIError, Code
-from .protocol.result import DNS, Result
+def _skip_pydantic_plugin_discovery() -> None:
+    """Building the first model makes pydantic look for third-party pydantic plugins
+    through importlib.metadata entry points: ~15 ms of every exec'd call, for plugins
+    a CNI plugin never uses. Load pydantic's plugin loader with an empty entry-point
+    list instead (no plugins, no scan); if it is not the loader we know, load it as usual.
+    """
+    if "pydantic.plugin._loader" in sys.modules or "importlib.metadata" in sys.modules:
+        return   # loaded already, or its cost is paid already
+    import pydantic.plugin  # noqa: F401  (everything but the loader, imported as usual)
+
+    empty = types.ModuleType("importlib.metadata")
+    empty.entry_points = lambda **_: ()  # type: ignore[attr-defined]
+    sys.modules["importlib.metadata"] = empty
+    try:
+        import pydantic.plugin._loader  # noqa: F401  (binds the empty entry_points)
+    except ImportError:
+        sys.modules.pop("pydantic.plugin._loader", None)
+    finally:
+        if sys.modules.get("importlib.metadata") is empty:
+            del sys.modules["importlib.metadata"]
+
+
+_skip_pydantic_plugin_discovery()
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: E402
+from pydantic.alias_generators import to_camel  # noqa: E402
+
+from .protocol.errors import CNIError, Code  # noqa: E402
+from .protocol.result import DNS, Result  # noqa: E402
 
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 

@@ -10,13 +10,15 @@ import dataclasses
 import errno
 import json
 import os
-import subprocess
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .protocol.errors import CNIError, Code
 from .protocol.result import Result
 from .protocol.runner import Request
+
+if TYPE_CHECKING:   # imported when an IPAM plugin is exec'd, not by every cni-ipam-in-process call
+    import subprocess
 
 IN_PROCESS_TYPE = "cni-ipam"
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -96,6 +98,8 @@ def _exec(verb: str, req: Request) -> Optional[Result]:
 
 
 def _run_retrying_busy(binary: str, env: dict, stdin: bytes) -> subprocess.CompletedProcess:
+    import subprocess
+
     # A plugin binary being replaced on disk gives ETXTBSY for a moment; libcni retries too.
     for attempt in range(_BUSY_RETRIES):
         try:

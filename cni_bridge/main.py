@@ -18,13 +18,74 @@ Example network config (a plugin entry in a conflist):
 """
 
 
+def _agent(argv: list[str]) -> int:
+    from .agent.cli import main as agent_main
+
+    return agent_main(argv)
+
+
+# `cni-bridge NAME ARGS...` with CNI_COMMAND unset runs a subcommand: NAME -> function(ARGS).
+def _daemon(argv: list[str]) -> int:
+    from .daemon import main as daemon_main
+
+    return daemon_main(argv)
+
+
+SUBCOMMANDS = {
+    "agent": _agent,
+    "daemon": _daemon,
+}
+
+
 def main() -> int:
     if "CNI_COMMAND" not in os.environ:
-        sys.stderr.write(USAGE)
+        if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+            return SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
+        sys.stderr.write(USAGE + "\nSubcommands (CNI_COMMAND unset): " + ", ".join(SUBCOMMANDS) + "\n")
         return 0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2
-    from .protocol.runner import run
+    env, stdin = os.environ, sys.stdin.buffer.read()
+    if env["CNI_COMMAND"] != "VERSION":
+        # A node daemon, when there is one, answers without this process importing
+        # pydantic or pyroute2; otherwise (or if it fails us) run in-process.
+        from . import daemon_client
 
-    return run(_load_plugin, os.environ, sys.stdin.buffer.read(), sys.stdout)
+        reply = daemon_client.forward(env, stdin)
+        if reply.state == daemon_client.ANSWERED:
+            sys.stderr.write(reply.stderr)
+            sys.stdout.write(reply.stdout)
+            return reply.exit
+        if reply.state == daemon_client.LOST:
+            env = _after_lost_call(env, stdin)
+    return run_in_process(env, stdin, sys.stdout, sys.stderr)
+
+
+def run_in_process(env, stdin: bytes, stdout, stderr) -> int:
+    """One CNI call in this process; the node daemon runs this same function per request."""
+    from . import faults
+    from .oplog import BRIDGE_LOG_KEYS, run_logged
+
+    faults.arm(env.get(faults.ENV_VAR))  # test-only; unset in production
+    return run_logged("cni-bridge", _load_plugin, env, stdin, stdout, BRIDGE_LOG_KEYS, stderr)
+
+
+def _after_lost_call(env, stdin: bytes) -> dict:
+    """The daemon took the call and died before answering: prepare to redo it in-process.
+
+    DEL, CHECK, GC and STATUS are safe to repeat. An ADD may have been half done
+    (an IP reserved, the container interface made), and a repeated ADD would fail
+    on those leftovers, so undo them first with a DEL of the same attachment: the
+    runtime sends no second ADD for a (container, ifname) without a DEL, so
+    anything found belongs to the lost call. A test fault injected into the call
+    fired in the daemon and is not fired again.
+    """
+    from io import StringIO
+
+    from .faults import ENV_VAR
+
+    env = {k: v for k, v in env.items() if k != ENV_VAR}
+    if env.get("CNI_COMMAND") == "ADD":
+        run_in_process({**env, "CNI_COMMAND": "DEL"}, stdin, StringIO(), StringIO())
+    return env
 
 
 def _load_plugin():

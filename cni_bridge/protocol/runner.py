@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, TextIO
 
 from . import versions
 from .env import CmdArgs, parse_env
 from .errors import CNIError, Code
-from .result import Result
+
+if TYPE_CHECKING:   # VERSION and early errors never need the result types (nor traceback)
+    from .result import Result
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ def run(
         error = err
     except Exception as exc:  # an unexpected bug still answers with a CNI error, no traceback
         if on_error:
+            import traceback
+
             on_error(exc, traceback.format_exc())
         error = CNIError(Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
     else:

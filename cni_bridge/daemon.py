@@ -1,0 +1,521 @@
+"""`cni-bridge daemon --socket PATH`: the node daemon the exec'd plugin hands its calls to.
+
+An exec'd Python plugin pays ~15 ms to start and ~150 ms more to import
+pydantic and pyroute2 on every call. The daemon pays that once: it imports
+and warms everything, then forks a small pool of workers that serve CNI calls
+from a unix socket. Each worker runs exactly the code an exec'd plugin runs
+(`cni_bridge.main.run_in_process`: the same runner, result encoding, error
+objects, log lines), so an answer through the daemon is byte for byte what
+in-process execution prints.
+
+Why pre-forked processes and not threads:
+- the GIL would put all pods of a burst on one core; workers use them all;
+- a request that crashes the interpreter, leaks, or hangs in C code takes
+  down one worker, which the supervisor replaces; the daemon keeps serving;
+- setns(2), signals (the per-request time limit is a SIGALRM in the worker)
+  and pyroute2's sockets need no thread-safety thought.
+
+The daemon must run in the host network namespace (and the host PID and mount
+namespaces, so that CNI_NETNS paths resolve): bridge, host veth, gateway
+address, forwarding sysctl and masquerade rules are made in the namespace the
+worker runs in, exactly as an exec'd plugin makes them in the namespace the
+runtime started it in.
+
+Security: the socket is 0600 in a directory the daemon creates 0700; every
+connection's SO_PEERCRED uid must be root (the socket mode already stops
+others; this stops them even if someone loosens it). Requests are limited in
+size (1 MiB) and time: the whole request must arrive within a few seconds, a
+call that runs past --request-timeout fails with CNI error 11 (its ADD
+rollback runs), and a worker still busy 15 s after that is killed.
+"""
+from __future__ import annotations
+
+import argparse
+import binascii
+import gc
+import io
+import json
+import logging
+import mmap
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, TextIO
+
+from . import daemon_client as wire
+from .protocol.errors import CNIError, Code
+
+log = logging.getLogger("cni-bridge.daemon")
+
+DEFAULT_WORKERS = max(2, min(8, 2 * (os.cpu_count() or 1)))
+REQUEST_TIMEOUT = 60.0      # seconds a call may run before it fails with code 11
+HARD_LIMIT_GRACE = 15.0     # after that, the supervisor kills a worker that is still busy
+READ_TIMEOUT = 5.0          # to receive a whole request once connected
+MAX_REQUESTS_PER_WORKER = 1000   # then the worker is replaced (bounds any slow leak)
+BACKLOG = 256               # a burst of pods queues here while the workers are busy
+ALLOWED_UIDS = frozenset({0})
+_SLOT = struct.Struct("d")  # per-worker start time of the call in progress, 0 when idle
+_PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+# execute(env, stdin, stdout, stderr) -> exit status; one CNI call, in this process.
+Executor = Callable[[dict, bytes, TextIO, TextIO], int]
+
+
+class RequestTimeout(CNIError):
+    def __init__(self, limit: float) -> None:
+        super().__init__(Code.TRY_AGAIN_LATER, f"the cni-bridge daemon's time limit of {limit:g}s ran out",
+                         "the call was stopped and rolled back; try again")
+
+
+class Refused(Exception):
+    """A request the daemon will not run; the client falls back to in-process execution."""
+
+
+@dataclass
+class Options:
+    socket_path: str
+    workers: int = DEFAULT_WORKERS
+    request_timeout: float = REQUEST_TIMEOUT
+    max_request_bytes: int = wire.MAX_REQUEST_BYTES
+    max_requests_per_worker: int = MAX_REQUESTS_PER_WORKER
+    allowed_uids: frozenset = field(default_factory=lambda: ALLOWED_UIDS)
+
+
+# -- entry point ------------------------------------------------------------------
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="cni-bridge daemon",
+        description="Serve cni-bridge CNI calls from a unix socket (run it in the host network namespace).")
+    parser.add_argument("--socket", default=wire.DEFAULT_SOCKET,
+                        help=f"socket path (default {wire.DEFAULT_SOCKET}, the path plugins try by default)")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help=f"worker processes, i.e. calls served at once (default {DEFAULT_WORKERS})")
+    parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
+                        help=f"seconds a call may run before it fails with code 11 (default {REQUEST_TIMEOUT:g})")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.request_timeout <= 0:
+        parser.error("--workers and --request-timeout must be positive")
+    logging.basicConfig(stream=sys.stderr, level=args.log_level,
+                        format="%(asctime)s cni-bridge-daemon[%(process)d] %(levelname)s %(message)s")
+    if os.geteuid() != 0:
+        log.warning("not running as root: only root may connect, and the calls will lack CAP_NET_ADMIN")
+    from .main import run_in_process
+
+    options = Options(socket_path=args.socket, workers=args.workers, request_timeout=args.request_timeout)
+    try:
+        return Daemon(options, run_in_process).run()
+    except DaemonError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+class DaemonError(Exception):
+    pass
+
+
+def warm_up() -> None:
+    """Import and exercise everything a call needs, once, before the workers fork."""
+    from ipam.config import IPAMNetConf
+    from ipam.plugin import IpamPlugin  # noqa: F401
+
+    from . import check, faults, masq, oplog, plugin  # noqa: F401
+    from .confbase import load
+    from .config import BridgeConf
+    from .netlink import Netlink
+
+    sample = {"cniVersion": "1.0.0", "name": "warm-up", "type": "cni-bridge",
+              "ipam": {"type": "cni-ipam", "ranges": [[{"subnet": "10.0.0.0/24"}]],
+                       "routes": [{"dst": "0.0.0.0/0"}]}}
+    load(BridgeConf, sample)
+    load(IPAMNetConf, sample)
+    Netlink(None).close()
+
+
+# -- the supervisor ---------------------------------------------------------------
+
+class Daemon:
+    def __init__(self, options: Options, execute: Executor,
+                 prepare: Callable[[], None] = warm_up) -> None:
+        self.options = options
+        self.execute = execute
+        self.prepare = prepare
+        self.listener: Optional[socket.socket] = None
+        self.socket_ino: Optional[tuple[int, int]] = None
+        self.workers: dict[int, int] = {}   # pid -> slot
+        self.slots: Optional[mmap.mmap] = None
+        self.stopping = False
+        self.wake_fds: tuple[int, ...] = ()
+        self._spawn_times: list[float] = []
+
+    def run(self) -> int:
+        # Warm up before the socket exists: until then plugins run in-process
+        # instead of queueing behind a daemon that is not ready.
+        self.prepare()
+        gc.collect()
+        gc.freeze()   # workers share the warm heap instead of copying it on the first GC
+        self.listener = self._listen()
+        try:
+            self.slots = mmap.mmap(-1, _SLOT.size * self.options.workers)
+            wake_r, wake_w = self.wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            signal.set_wakeup_fd(wake_w)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._on_stop)
+            signal.signal(signal.SIGCHLD, lambda *_: None)   # only to wake the loop
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            for slot in range(self.options.workers):
+                self._spawn(slot)
+            log.info("serving on %s with %d workers (pid %d)", self.options.socket_path,
+                     self.options.workers, os.getpid())
+            while not self.stopping:
+                try:
+                    select.select([wake_r], [], [], 1.0)
+                    os.read(wake_r, 512)
+                except (BlockingIOError, InterruptedError):
+                    pass
+                self._reap(respawn=True)
+                self._enforce_hard_limit()
+            return self._shut_down()
+        finally:
+            self._remove_socket()
+            if self.listener is not None:
+                self.listener.close()
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+    # socket ----------------------------------------------------------------
+    def _listen(self) -> socket.socket:
+        path = self.options.socket_path
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise DaemonError(f"{directory} is writable by others; put the socket in a private directory")
+        self._clear_stale(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)   # the socket is born 0600: no window where others may connect
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+        st = os.stat(path)
+        self.socket_ino = (st.st_dev, st.st_ino)
+        return sock
+
+    @staticmethod
+    def _clear_stale(path: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise DaemonError(f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)   # nobody listens: left by a daemon that died
+            return
+        finally:
+            probe.close()
+        raise DaemonError(f"another daemon is already serving {path}")
+
+    def _remove_socket(self) -> None:
+        """Unlink the socket path if it is still ours (a successor may have replaced it)."""
+        path = self.options.socket_path
+        try:
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == self.socket_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+
+    # workers ---------------------------------------------------------------
+    def _spawn(self, slot: int) -> None:
+        now = time.monotonic()
+        self._spawn_times = [t for t in self._spawn_times if now - t < 10.0] + [now]
+        if len(self._spawn_times) > 4 * self.options.workers:
+            log.error("workers keep dying; pausing 1s before starting another")
+            time.sleep(1.0)
+        self._set_slot(slot, 0.0)
+        # The child must not run the supervisor's signal handlers before it has its own.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 70
+                try:
+                    code = Worker(self, slot).run()
+                except BaseException:   # never return into the supervisor's loop in a child
+                    log.exception("worker crashed")
+                finally:
+                    os._exit(code)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        self.workers[pid] = slot
+
+    def _set_slot(self, slot: int, value: float) -> None:
+        assert self.slots is not None
+        _SLOT.pack_into(self.slots, slot * _SLOT.size, value)
+
+    def _slot(self, slot: int) -> float:
+        assert self.slots is not None
+        return _SLOT.unpack_from(self.slots, slot * _SLOT.size)[0]
+
+    def _reap(self, respawn: bool) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            slot = self.workers.pop(pid, None)
+            if slot is None:
+                continue
+            busy = self._slot(slot)
+            if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
+                log.warning("worker %d died (%s)%s", pid, _describe_status(status),
+                            "; its call was lost and the plugin falls back to in-process" if busy else "")
+            if respawn and not self.stopping:
+                self._spawn(slot)
+
+    def _enforce_hard_limit(self) -> None:
+        limit = self.options.request_timeout + HARD_LIMIT_GRACE
+        now = time.monotonic()
+        for pid, slot in list(self.workers.items()):
+            started = self._slot(slot)
+            if started and now - started > limit:
+                log.error("worker %d is %.0fs into one call; killing it", pid, now - started)
+                _kill(pid, signal.SIGKILL)
+
+    def _shut_down(self) -> int:
+        """Stop taking calls, let the workers finish the ones in flight, then go."""
+        log.info("stopping: finishing %d call(s) in flight",
+                 sum(1 for slot in self.workers.values() if self._slot(slot)))
+        self._remove_socket()   # new plugin runs find no socket and run in-process
+        for pid in self.workers:
+            _kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.options.request_timeout + HARD_LIMIT_GRACE
+        while self.workers and time.monotonic() < deadline:
+            self._reap(respawn=False)
+            if self.workers:
+                time.sleep(0.05)
+        for pid in self.workers:
+            _kill(pid, signal.SIGKILL)
+        self._reap(respawn=False)
+        log.info("stopped")
+        return 0
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {os.WTERMSIG(status)}"
+    return f"exit status {os.WEXITSTATUS(status)}"
+
+
+# -- a worker ---------------------------------------------------------------------
+
+class Worker:
+    """One forked process: accept, check, run the call, answer; until told to stop."""
+
+    def __init__(self, daemon: Daemon, slot: int) -> None:
+        self.daemon = daemon
+        self.options = daemon.options
+        self.slot = slot
+        self.listener = daemon.listener
+        self.stopping = False
+        self.busy = False
+
+    def run(self) -> int:
+        """Runs in the forked child, with SIGTERM and SIGINT blocked on entry."""
+        assert self.listener is not None
+        for fd in self.daemon.wake_fds:
+            os.close(fd)
+        parent = os.getppid()
+        _set_parent_death_signal(signal.SIGTERM)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # subprocess (iptables, IPAM plugins) reaps its own
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        if os.getppid() != parent:   # the supervisor died before the death signal was armed
+            return 0
+        served = 0
+        while not self.stopping and served < self.options.max_requests_per_worker:
+            try:
+                ready, _, _ = select.select([self.listener, wake_r], [], [])
+            except InterruptedError:
+                continue
+            if wake_r in ready:
+                _drain(wake_r)
+                continue
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue   # another worker took it
+            served += 1
+            self._serve(conn)
+        if self.stopping:
+            self._refuse_backlog()
+        return 0
+
+    def _on_stop(self, signum: int, frame: object) -> None:
+        self.stopping = True   # a call in flight finishes first
+
+    def _on_alarm(self, signum: int, frame: object) -> None:
+        if self.busy:
+            raise RequestTimeout(self.options.request_timeout)
+
+    def _refuse_backlog(self) -> None:
+        """Calls that connected before the socket was removed: tell them to run in-process."""
+        assert self.listener is not None
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(1.0)
+                _send(conn, {"v": wire.VERSION, "refused": "the daemon is stopping"})
+
+    # one connection ------------------------------------------------------------
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.setblocking(True)
+            conn.settimeout(READ_TIMEOUT)
+            try:
+                env, stdin = self._read_request(conn)
+            except Refused as why:
+                _send(conn, {"v": wire.VERSION, "refused": str(why)})
+                return
+            except (OSError, EOFError) as exc:
+                log.info("dropped a connection: %s", exc)
+                return
+            started = time.monotonic()
+            answer = self._call(env, stdin)
+            conn.settimeout(READ_TIMEOUT)
+            _send(conn, answer)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s cid=%s if=%s -> exit %d (%.1f ms)", env.get("CNI_COMMAND", "?"),
+                          env.get("CNI_CONTAINERID", "-"), env.get("CNI_IFNAME", "-"), answer["exit"],
+                          (time.monotonic() - started) * 1000)
+
+    def _read_request(self, conn: socket.socket) -> tuple[dict, bytes]:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        if uid not in self.options.allowed_uids:
+            log.warning("refused a connection from pid %d uid %d", pid, uid)
+            raise Refused(f"uid {uid} may not use this daemon")
+        size = int.from_bytes(wire.recv_exact(conn, 4), "big")
+        if size > self.options.max_request_bytes:
+            raise Refused(f"request of {size} bytes exceeds the limit of {self.options.max_request_bytes}")
+        try:
+            msg = json.loads(wire.recv_exact(conn, size))
+            env, stdin = msg["env"], binascii.a2b_base64(msg["stdin"])
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise Refused("malformed request") from None
+        if msg.get("v") != wire.VERSION:   # a plugin from another release: let it run in-process
+            raise Refused(f"protocol version {msg.get('v')!r} is not {wire.VERSION}")
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise Refused("malformed request: env must map strings to strings")
+        return {k: v for k, v in env.items() if k.startswith(wire.ENV_PREFIX)}, stdin
+
+    def _call(self, env: dict, stdin: bytes) -> dict:
+        out, err = io.StringIO(), io.StringIO()
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        self.daemon._set_slot(self.slot, time.monotonic())
+        self.busy = True
+        signal.setitimer(signal.ITIMER_REAL, self.options.request_timeout)
+        try:
+            code = self.daemon.execute(env, stdin, out, err)
+            self.busy = False   # finished: a late alarm must not turn it into a timeout
+        except BaseException as exc:   # isolate anything the runner did not turn into a CNI error
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            if not isinstance(exc, CNIError):
+                log.exception("call crashed outside the runner")
+                exc = CNIError(Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            out, code = io.StringIO(), 1
+            _write_error(out, exc, stdin)
+            err.write(f"{exc}\n")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            self.busy = False
+            self.daemon._set_slot(self.slot, 0.0)
+            _restore_logging(root, handlers, level)
+            _disarm_faults()
+        return {"v": wire.VERSION, "stdout": out.getvalue(), "stderr": err.getvalue(), "exit": code}
+
+
+def _write_error(out: TextIO, error: CNIError, stdin: bytes) -> None:
+    """The error object exactly as the runner prints it."""
+    from .protocol.runner import guess_version
+
+    json.dump(error.to_dict(guess_version(stdin)), out, indent=2)
+    out.write("\n")
+
+
+def _restore_logging(root: logging.Logger, keep: list, level: int) -> None:
+    """A call that opened its `logFile` added a handler to the root logger: close it."""
+    for handler in list(root.handlers):
+        if handler not in keep:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+def _disarm_faults() -> None:
+    faults = sys.modules.get("cni_bridge.faults")
+    if faults is not None:
+        faults.arm(None)
+
+
+def _send(conn: socket.socket, msg: dict) -> None:
+    body = json.dumps(msg).encode()
+    try:
+        conn.sendall(len(body).to_bytes(4, "big") + body)
+    except OSError as exc:
+        log.info("could not answer a client: %s", exc)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _set_parent_death_signal(signum: int) -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+__all__ = ["Daemon", "Options", "main", "warm_up", "RequestTimeout"]
