@@ -1,0 +1,192 @@
+"""Make the node hold the desired state: conflist file, peer routes, masquerade chain.
+
+Each step reads what is there first and changes only what differs, so a
+second pass with the same topology writes nothing and runs no iptables
+command that changes anything. Routes go through the netlink adapter.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .. import sysctl
+from ..protocol.errors import CNIError
+from .desired import CONFLIST_NAME, MASQ_CHAIN, ROUTE_PROTO, DesiredState
+from .diff import RouteState, diff_routes, masq_restore_script, masq_teardown_script, parse_nat_rules
+from .topology import AgentError
+
+log = logging.getLogger("cni_bridge.agent")
+
+_TOOLS = {4: "iptables", 6: "ip6tables"}
+_WAIT = "10"
+
+
+@dataclass
+class Changes:
+    conflist_written: bool = False
+    routes_replaced: list[str] = field(default_factory=list)
+    routes_deleted: list[str] = field(default_factory=list)
+    masq_synced: list[int] = field(default_factory=list)     # families whose chain was rewritten or removed
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.conflist_written or self.routes_replaced or self.routes_deleted or self.masq_synced)
+
+    def summary(self) -> str:
+        failed = f" ({len(self.errors)} failed)" if self.errors else ""
+        if not self.any:
+            return "nothing to change" + failed
+        parts = []
+        if self.conflist_written:
+            parts.append("conflist written")
+        if self.routes_replaced:
+            parts.append("routes set: " + ", ".join(self.routes_replaced))
+        if self.routes_deleted:
+            parts.append("routes removed: " + ", ".join(self.routes_deleted))
+        if self.masq_synced:
+            parts.append("masquerade synced: " + ", ".join(f"IPv{f}" for f in self.masq_synced))
+        return "; ".join(parts) + failed
+
+
+def _default_netlink() -> Any:
+    from ..netlink import Netlink
+
+    return Netlink(None)
+
+
+def apply(state: DesiredState, conf_dir: str,
+          netlink_factory: Callable[[], Any] = _default_netlink) -> Changes:
+    """One pass. Problems with one part do not stop the others; they end up in Changes.errors."""
+    changes = Changes()
+    for note in state.notes:
+        log.info("%s", note)
+    try:
+        sysctl.enable_forwarding(state.forwarding)
+    except CNIError as err:
+        changes.errors.append(err.msg)
+    try:
+        changes.conflist_written = write_conflist(conf_dir, state.conflist_bytes())
+    except OSError as exc:
+        changes.errors.append(f"cannot write {os.path.join(conf_dir, CONFLIST_NAME)}: {exc.strerror or exc}")
+    try:
+        sync_routes(state, netlink_factory, changes)
+    except CNIError as err:
+        changes.errors.append(err.msg)
+    try:
+        sync_masq(state, changes)
+    except AgentError as err:
+        changes.errors.append(str(err))
+    return changes
+
+
+# -- conflist ---------------------------------------------------------------------------
+def write_conflist(conf_dir: str, content: bytes, name: str = CONFLIST_NAME) -> bool:
+    """Atomically (temp file in the same dir, fsync, rename); False when the file already holds `content`."""
+    path = os.path.join(conf_dir, name)
+    try:
+        with open(path, "rb") as existing:
+            if existing.read() == content:
+                return False
+    except FileNotFoundError:
+        pass
+    os.makedirs(conf_dir, exist_ok=True)
+    # A name the runtime ignores (libcni loads *.conf, *.conflist, *.json) until the rename.
+    fd, tmp = tempfile.mkstemp(dir=conf_dir, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(conf_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True
+
+
+# -- routes -----------------------------------------------------------------------------
+def sync_routes(state: DesiredState, netlink_factory: Callable[[], Any], changes: Changes) -> None:
+    with netlink_factory() as nl:
+        current = []
+        for family in (4, 6):
+            try:
+                current += [RouteState(r.dst, r.gw, r.proto) for r in nl.routes(family)]
+            except Exception as exc:  # IPv6 disabled: no routes of that family to manage
+                log.debug("cannot list IPv%d routes: %s", family, exc)
+        plan = diff_routes(current, state.routes, ROUTE_PROTO)
+        for route in plan.replace:
+            text = f"{route.dst} via {route.via} ({route.node})"
+            try:
+                nl.replace_route(route.dst, route.via, ROUTE_PROTO)
+            except Exception as exc:
+                changes.errors.append(f"cannot set route {text}: {_reason(exc)}")
+                continue
+            changes.routes_replaced.append(text)
+        for stale in plan.delete:
+            text = f"{stale.dst} via {stale.gw}"
+            try:
+                nl.delete_route(stale.dst, stale.gw, ROUTE_PROTO)
+            except Exception as exc:
+                changes.errors.append(f"cannot remove route {text}: {_reason(exc)}")
+                continue
+            changes.routes_deleted.append(text)
+
+
+def _reason(exc: BaseException) -> str:
+    code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+    if isinstance(code, int) and code > 0:
+        return os.strerror(code)
+    return str(exc) or type(exc).__name__
+
+
+# -- masquerade -------------------------------------------------------------------------
+def _tool(family: int, suffix: str = "") -> Optional[str]:
+    return shutil.which(_TOOLS[family] + suffix)
+
+
+def _run(argv: list[str], stdin: Optional[str] = None) -> str:
+    proc = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AgentError(f"{os.path.basename(argv[0])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def nat_rules(family: int) -> list[str]:
+    tool = _tool(family)
+    if tool is None:
+        return []
+    return _run([tool, "-w", _WAIT, "-t", "nat", "-S"]).splitlines()
+
+
+def sync_masq(state: DesiredState, changes: Changes) -> None:
+    wanted = {chain.family: chain for chain in state.masq}
+    for family in (4, 6):
+        chain = wanted.get(family)
+        if chain is not None and _tool(family) is None:
+            raise AgentError(f"masquerading IPv{family} pod traffic needs {_TOOLS[family]}, which is not installed")
+        if _tool(family) is None:
+            continue
+        current = parse_nat_rules(nat_rules(family), MASQ_CHAIN)
+        script = masq_restore_script(current, chain) if chain else masq_teardown_script(current, MASQ_CHAIN)
+        if script is None:
+            continue
+        restore = _tool(family, "-restore")
+        if restore is None:
+            raise AgentError(f"{_TOOLS[family]}-restore is not installed")
+        _run([restore, "-w", _WAIT, "--noflush"], script)
+        changes.masq_synced.append(family)

@@ -1,0 +1,111 @@
+"""From (what the kernel holds, what it should hold) to the changes to make. Pure.
+
+Both diffs return nothing to do when the two agree, which is what makes a
+second agent pass change nothing at all.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Iterable, Optional, Sequence
+
+from .desired import MasqChain, PeerRoute
+
+
+@dataclass(frozen=True)
+class RouteState:
+    """A main-table route as read from the kernel."""
+
+    dst: object       # IPNetwork
+    gw: object        # Optional[IPAddress]
+    proto: int
+
+
+@dataclass
+class RoutePlan:
+    replace: list[PeerRoute] = field(default_factory=list)   # missing or wrong
+    delete: list[RouteState] = field(default_factory=list)   # ours, no longer wanted
+    unchanged: list[PeerRoute] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.replace and not self.delete
+
+
+def diff_routes(current: Iterable[RouteState], desired: Sequence[PeerRoute], proto: int) -> RoutePlan:
+    current = list(current)
+    plan = RoutePlan()
+    wanted = {route.dst: route for route in desired}
+    for route in desired:
+        present = [r for r in current if r.dst == route.dst]
+        if any(r.gw == route.via and r.proto == proto for r in present):
+            plan.unchanged.append(route)
+        else:
+            plan.replace.append(route)
+    for route in current:
+        if route.proto == proto and route.dst not in wanted:
+            plan.delete.append(route)
+    return plan
+
+
+# -- iptables -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NatState:
+    """The parts of `iptables -t nat -S` that concern one chain."""
+
+    chain_exists: bool
+    rules: tuple[tuple[str, ...], ...]       # argv after `-A <chain>`
+    jumps: tuple[tuple[str, ...], ...]       # POSTROUTING rules that jump to the chain, argv after `-A POSTROUTING`
+
+
+def parse_nat_rules(lines: Iterable[str], chain: str) -> NatState:
+    exists = False
+    rules: list[tuple[str, ...]] = []
+    jumps: list[tuple[str, ...]] = []
+    for line in lines:
+        args = shlex.split(line)
+        if args[:2] == ["-N", chain]:
+            exists = True
+        elif args[:2] == ["-A", chain]:
+            rules.append(tuple(args[2:]))
+        elif args[:2] == ["-A", "POSTROUTING"] and args[-2:] == ["-j", chain]:
+            jumps.append(tuple(args[2:]))
+    return NatState(exists, tuple(rules), tuple(jumps))
+
+
+def _quote(arg: str) -> str:
+    # iptables-restore understands double quotes only.
+    return f'"{arg}"' if any(c.isspace() for c in arg) else arg
+
+
+def masq_restore_script(current: NatState, desired: MasqChain) -> Optional[str]:
+    """An `iptables-restore --noflush` script that converges the chain and its jumps, or None.
+
+    Declaring the chain (`:CHAIN - [0:0]`) flushes it under --noflush, so the
+    chain is rewritten whole; POSTROUTING (shared with others) only gets the
+    jumps that are missing added and the stale ones deleted, in one commit.
+    """
+    if current.chain_exists and current.rules == desired.rules and current.jumps == desired.jumps:
+        return None
+    lines = ["*nat", f":{desired.chain} - [0:0]"]
+    lines += [" ".join(["-A", desired.chain, *map(_quote, rule)]) for rule in desired.rules]
+    seen = set()
+    for jump in current.jumps:
+        if jump not in desired.jumps or jump in seen:
+            lines.append(" ".join(["-D", "POSTROUTING", *map(_quote, jump)]))
+        seen.add(jump)
+    for jump in desired.jumps:
+        if jump not in current.jumps:
+            lines.append(" ".join(["-A", "POSTROUTING", *map(_quote, jump)]))
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def masq_teardown_script(current: NatState, chain: str) -> Optional[str]:
+    """Remove the chain and its jumps (a family the node no longer has podCIDRs in), or None."""
+    if not current.chain_exists:
+        return None
+    lines = ["*nat", f":{chain} - [0:0]"]
+    lines += [" ".join(["-D", "POSTROUTING", *map(_quote, jump)]) for jump in current.jumps]
+    lines += [f"-X {chain}", "COMMIT"]
+    return "\n".join(lines) + "\n"

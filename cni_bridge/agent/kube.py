@@ -1,0 +1,135 @@
+"""Kubernetes mode: watch Node objects and keep this node in step with them.
+
+List, apply, then watch from the list's resourceVersion; every change to a
+node's podCIDRs or InternalIPs re-applies, and every `resync` seconds the
+agent lists again and re-applies anyway (that also repairs masquerade rules
+or routes someone removed). The official `kubernetes` client is imported
+only here, and only in this mode.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Optional
+
+from .apply import Changes, apply
+from .desired import AgentOptions, desired_state
+from .topology import AgentError, IPNetwork, Node, Topology, check_topology, node_from_kubernetes
+
+log = logging.getLogger("cni_bridge.agent")
+
+
+class NodeAgent:
+    """The state machine of Kubernetes mode, free of the client so tests can feed it objects."""
+
+    def __init__(self, node_name: str, cluster_cidrs: tuple[IPNetwork, ...], options: AgentOptions,
+                 conf_dir: str, apply_fn: Callable[..., Changes] = apply) -> None:
+        self.node_name = node_name
+        self.cluster_cidrs = cluster_cidrs
+        self.options = options
+        self.conf_dir = conf_dir
+        self.apply_fn = apply_fn
+        self.nodes: dict[str, Node] = {}
+        self._reported: set[str] = set()
+
+    def replace_all(self, objects: Iterable[Any]) -> None:
+        nodes = {}
+        for obj in objects:
+            node = self._convert(obj)
+            if node is not None:
+                nodes[node.name] = node
+        self.nodes = nodes
+
+    def handle_event(self, kind: str, obj: Any) -> bool:
+        """Apply one watch event to the cache; True when it changed what the agent acts on."""
+        node = self._convert(obj)
+        if node is None:
+            return False
+        if kind == "DELETED":
+            return self.nodes.pop(node.name, None) is not None
+        if self.nodes.get(node.name) == node:
+            return False  # a heartbeat or a label change: nothing the agent uses
+        self.nodes[node.name] = node
+        return True
+
+    def sync(self) -> Optional[Changes]:
+        """Converge the node; None while it cannot (own node unknown or without a podCIDR)."""
+        own = self.nodes.get(self.node_name)
+        if own is None:
+            self._once(f"node {self.node_name!r} is not among the cluster's nodes; waiting")
+            return None
+        if not own.pod_cidrs:
+            self._once(f"node {self.node_name!r} has no spec.podCIDR yet; waiting "
+                       "(is the controller-manager run with --allocate-node-cidrs?)")
+            return None
+        topology = Topology(self.cluster_cidrs, tuple(sorted(self.nodes.values(), key=lambda n: n.name)))
+        for problem in check_topology(topology):
+            self._once(problem)
+        changes = self.apply_fn(desired_state(topology, self.node_name, self.options), self.conf_dir)
+        if changes.any:
+            log.info("%s", changes.summary())
+        for error in changes.errors:
+            log.warning("%s", error)
+        return changes
+
+    def _convert(self, obj: Any) -> Optional[Node]:
+        node, warnings = node_from_kubernetes(obj)
+        for warning in warnings:
+            self._once(warning)
+        return node
+
+    def _once(self, message: str) -> None:
+        if message not in self._reported:
+            self._reported.add(message)
+            log.warning("%s", message)
+
+
+def load_client(kubeconfig: Optional[str]) -> tuple[Any, Any]:
+    """(CoreV1Api, watch module), with a clear error when the client or credentials are missing."""
+    try:
+        from kubernetes import client, config, watch
+    except ImportError:
+        raise AgentError("Kubernetes mode needs the official kubernetes Python client: "
+                         "pip install 'cni-bridge[agent]' (or run with --topology FILE --once)") from None
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig)
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config()
+        else:
+            config.load_kube_config()
+    except Exception as exc:
+        raise AgentError(f"cannot load Kubernetes credentials ({type(exc).__name__}: {exc}); "
+                         "pass --kubeconfig or run in a pod with a service account") from None
+    return client.CoreV1Api(), watch
+
+
+def run(agent: NodeAgent, api: Any, watch_module: Any, resync: float,
+        should_stop: Callable[[], bool] = lambda: False) -> None:
+    """List + apply + watch, forever (until should_stop); API failures back off and relist."""
+    backoff = 1.0
+    while not should_stop():
+        try:
+            listing = api.list_node(_request_timeout=30)
+            agent.replace_all(listing.items)
+            agent.sync()
+            deadline = time.monotonic() + resync
+            watcher = watch_module.Watch()
+            # timeout_seconds ends the watch server-side; _request_timeout guards against a dead connection.
+            for event in watcher.stream(api.list_node, resource_version=listing.metadata.resource_version,
+                                        timeout_seconds=max(1, int(resync)), _request_timeout=resync + 30):
+                if event.get("type") == "ERROR":   # e.g. 410 Gone: the resourceVersion is too old
+                    break
+                if agent.handle_event(event.get("type", ""), event.get("object")):
+                    agent.sync()
+                if should_stop() or time.monotonic() >= deadline:
+                    watcher.stop()
+                    break
+            backoff = 1.0
+        except AgentError:
+            raise
+        except Exception as exc:  # API server restarts, connection resets, auth hiccups
+            log.warning("Kubernetes API: %s: %s; retrying in %.0fs", type(exc).__name__, exc, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
