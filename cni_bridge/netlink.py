@@ -10,11 +10,13 @@ import errno
 import ipaddress
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+import functools
+from typing import Any, Callable, Optional, TypeVar
 
 from .protocol.errors import CNIError, Code
 from .protocol.result import IPAddress, IPInterface, IPNetwork
 
+F = TypeVar("F", bound=Callable[..., Any])
 _AF = {4: 2, 6: 10}          # AF_INET, AF_INET6
 _IFA_F_NODAD = 0x02          # pods get no duplicate address detection wait (addresses are IPAM-unique)
 _BRIDGE_MODE_HAIRPIN = 1
@@ -43,6 +45,30 @@ class KernelRouteInfo:
 
 def _code(exc: BaseException) -> int:
     return getattr(exc, "code", None) or getattr(exc, "errno", None) or 0
+
+
+def _kernel_refusal(action: str) -> Callable[[F], F]:
+    """Turn a netlink error the kernel answered with into a CNI error naming the step.
+
+    A refused route or address is usually a config problem (a gateway that is not
+    on-link, IPv6 disabled in the pod); it deserves a message, not code 999.
+    """
+    def wrap(method: F) -> F:
+        @functools.wraps(method)
+        def run(self: "Netlink", *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except CNIError:
+                raise
+            except Exception as exc:
+                code = _code(exc)
+                if not isinstance(code, int) or code <= 0:
+                    raise
+                target = " ".join(str(a) for a in args[:2])
+                raise CNIError(Code.KERNEL_REFUSED, f"the kernel refused to {action} ({target})",
+                               os.strerror(code)) from None
+        return run  # type: ignore[return-value]
+    return wrap
 
 
 def _iproute_class() -> Any:
@@ -183,6 +209,7 @@ class Netlink:
             hairpin=hairpin,
         )
 
+    @_kernel_refusal("set up the bridge")
     def ensure_bridge(self, name: str, mtu: Optional[int], promisc: bool) -> Link:
         """Create the bridge if missing; tolerate a concurrent creator (EEXIST)."""
         created = False
@@ -216,6 +243,7 @@ class Netlink:
             self.ipr.link("set", index=existing.index, **changes)
         return self.link(name) or existing
 
+    @_kernel_refusal("create the veth pair")
     def add_veth(self, name: str, peer: str, peer_netns: str, mtu: Optional[int], peer_mac: str) -> Link:
         """Create a veth here with its peer placed straight into `peer_netns`."""
         import os
@@ -237,6 +265,7 @@ class Netlink:
         assert link is not None
         return link
 
+    @_kernel_refusal("attach the veth to the bridge")
     def attach(self, port: str, bridge: str, hairpin: bool) -> None:
         port_link, bridge_link = self.link(port), self.link(bridge)
         if port_link is None or bridge_link is None:
@@ -245,6 +274,7 @@ class Netlink:
         if hairpin:
             self.ipr.brport("set", index=port_link.index, mode=_BRIDGE_MODE_HAIRPIN)
 
+    @_kernel_refusal("bring the interface up")
     def set_up(self, name: str) -> None:
         link = self.link(name)
         if link is not None and not link.up:
@@ -281,6 +311,7 @@ class Netlink:
             found.append(ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}"))
         return found
 
+    @_kernel_refusal("add the address")
     def add_address(self, name: str, address: IPInterface) -> None:
         """Add; an identical address already there (a concurrent ADD) is fine."""
         link = self.link(name)
@@ -297,6 +328,7 @@ class Netlink:
             if _code(exc) != errno.EEXIST:
                 raise
 
+    @_kernel_refusal("remove the address")
     def del_address(self, name: str, address: IPInterface) -> None:
         link = self.link(name)
         if link is None:
@@ -339,6 +371,7 @@ class Netlink:
             if _code(exc) not in (errno.ESRCH, errno.ENOENT):
                 raise
 
+    @_kernel_refusal("add the route")
     def add_route(self, dst: IPNetwork, gw: Optional[IPAddress], device: str) -> None:
         link = self.link(device)
         assert link is not None

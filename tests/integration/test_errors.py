@@ -236,7 +236,7 @@ def test_failure_after_kernel_changes_rolls_everything_back(cni, pod):
     and the IPAM reservation were made: all of them must be undone."""
     ipam = ipam_conf(cni, routes=[{"dst": "10.200.0.0/16", "gw": "192.168.1.1"}])
     conf = bridge_conf(cni, isGateway=True, ipMasq=True, ipam=ipam)
-    cni.fails(None, "cni-bridge", "ADD", conf, container_id="c1", netns=pod.path)
+    cni.fails(108, "cni-bridge", "ADD", conf, container_id="c1", netns=pod.path)
     assert link(pod, "eth0") is None
     assert_nothing_left(cni)
 
@@ -246,6 +246,6 @@ def test_ipv6_disabled_in_pod_rolls_back_a_dual_stack_add(cni, pod):
     pod.exec("sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; "
                          "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6")
     conf = bridge_conf(cni, "10.77.0.0/24", "fd77::/64", isGateway=True, ipMasq=True)
-    cni.fails(None, "cni-bridge", "ADD", conf, container_id="c1", netns=pod.path)
+    cni.fails(108, "cni-bridge", "ADD", conf, container_id="c1", netns=pod.path)
     assert [n for n in links(pod) if n != "lo"] == []
     assert_nothing_left(cni)
