@@ -24,13 +24,13 @@ def _agent(argv: list[str]) -> int:
     return agent_main(argv)
 
 
-# `cni-bridge NAME ARGS...` with CNI_COMMAND unset runs a subcommand: NAME -> function(ARGS).
 def _daemon(argv: list[str]) -> int:
     from .daemon import main as daemon_main
 
     return daemon_main(argv)
 
 
+# `cni-bridge NAME ARGS...` with CNI_COMMAND unset runs a subcommand: NAME -> function(ARGS).
 SUBCOMMANDS = {
     "agent": _agent,
     "daemon": _daemon,
