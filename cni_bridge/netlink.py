@@ -181,15 +181,6 @@ class Netlink:
             raise
         return self._to_link(msgs[0]) if msgs else None
 
-    def link_by_index(self, index: int) -> Optional[Link]:
-        try:
-            msgs = self.ipr.get_links(index)
-        except Exception as exc:
-            if _code(exc) in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise
-        return self._to_link(msgs[0]) if msgs else None
-
     def _to_link(self, msg: Any) -> Link:
         info = msg.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info else ""
@@ -292,13 +283,6 @@ class Netlink:
                 raise
             return False
         return True
-
-    def port_hairpin(self, name: str) -> bool:
-        link = self.link(name)
-        if link is None:
-            return False
-        msgs = self.ipr.brport("show", index=link.index)
-        return any(self._to_link(m).hairpin for m in msgs)
 
     # -- addresses ---------------------------------------------------------------
     def addresses(self, name: str) -> list[IPInterface]:

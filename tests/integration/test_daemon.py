@@ -6,6 +6,7 @@ on a node), on a socket under tmp_path, so nothing here touches
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -15,35 +16,20 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
 from cni_bridge import daemon_client as wire
+from tests.support import waiting
 from tests.support.netns import VENV_BIN, CniHost, unique
+from tests.support.waiting import unix_socket_listening
 
 WAIT = 60.0          # bound on waiting for a state change; never asserted as a duration
+wait_for = functools.partial(waiting.wait_for, timeout=WAIT)
 NOBODY = 65534
 MAC = re.compile(r'"mac": "[0-9a-f:]{17}"')
-
-
-def wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.02)
-
-
-def listening(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 class RunningDaemon:
@@ -57,7 +43,7 @@ class RunningDaemon:
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(argv, env=full_env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                          start_new_session=True)
-        wait_for(lambda: listening(socket_path) or self.proc.poll() is not None, "the daemon to listen")
+        wait_for(lambda: unix_socket_listening(socket_path) or self.proc.poll() is not None, "the daemon to listen")
         assert self.proc.poll() is None, self.log_text()
 
     def log_text(self) -> str:
@@ -150,6 +136,13 @@ def gated_iptables_restore(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, gate
 
 
+def start_gated_daemon(start_daemon, tmp_path: Path):
+    """A daemon whose masquerade step waits on a gate file: (daemon, gate)."""
+    gated_bin, gate = gated_iptables_restore(tmp_path)
+    daemon = start_daemon(env={"PATH": f"{gated_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"})
+    return daemon, gate
+
+
 # -- same answers as in-process ----------------------------------------------------------
 
 def test_add_check_del_answers_match_in_process(cni_host, start_daemon, make_netns, tmp_path):
@@ -226,8 +219,7 @@ def test_falls_back_when_nobody_listens(cni_host, make_netns, tmp_path):
 
 
 def test_falls_back_when_the_daemon_dies_in_the_middle_of_an_add(cni_host, start_daemon, make_netns, tmp_path):
-    gated_bin, gate = gated_iptables_restore(tmp_path)
-    daemon = start_daemon(env={"PATH": f"{gated_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"})
+    daemon, gate = start_gated_daemon(start_daemon, tmp_path)
     pod = make_netns("p")
     conf = config(cni_host, str(daemon.socket), unique("br"), ipMasq=True)
     client = start_client(cni_host, "ADD", conf, "c1", pod.path)
@@ -277,8 +269,7 @@ def test_a_worker_killed_mid_call_is_isolated(cni_host, start_daemon, make_netns
 
 
 def test_sigterm_finishes_the_call_in_flight(cni_host, start_daemon, make_netns, tmp_path):
-    gated_bin, gate = gated_iptables_restore(tmp_path)
-    daemon = start_daemon(env={"PATH": f"{gated_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"})
+    daemon, gate = start_gated_daemon(start_daemon, tmp_path)
     pod = make_netns("p")
     conf = config(cni_host, str(daemon.socket), unique("br"), ipMasq=True)
     client = start_client(cni_host, "ADD", conf, "c1", pod.path)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.netns import VENV_BIN, CniHost, Netns, make_cni_path, unique
+from tests.support.reliability import is_ip
 
 CLUSTER_CIDR = "10.244.0.0/16"
 UNDERLAY = "10.250.0.0/24"
@@ -273,16 +274,8 @@ def test_del_everywhere_leaves_nothing_behind(cluster):
         host_veths = [name for name in node.ns.links() if name.startswith("veth")]
         assert host_veths == [], host_veths
         net_dir = node.data_dir / NETWORK
-        reserved = [p.name for p in net_dir.iterdir() if _is_ip(p.name)] if net_dir.is_dir() else []
+        reserved = [p.name for p in net_dir.iterdir() if is_ip(p.name)] if net_dir.is_dir() else []
         assert reserved == []
         leftovers = [r for r in node.ns.exec("iptables", "-t", "nat", "-S").stdout.splitlines()
                      if "CNI-DN-" in r or pod.container_id in r]
         assert leftovers == []
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True

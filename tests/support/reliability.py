@@ -59,7 +59,7 @@ def store_files(data_dir: Path, network: str) -> dict[str, list[str]]:
     for path in sorted(base.iterdir()):
         if path.name.startswith(".tmp-"):
             found["temp_files"].append(path.name)
-        elif _is_ip(path.name):
+        elif is_ip(path.name):
             found["reservations"].append(path.name)
     owners = base / "owners"
     if owners.is_dir():
@@ -69,7 +69,7 @@ def store_files(data_dir: Path, network: str) -> dict[str, list[str]]:
     return found
 
 
-def _is_ip(name: str) -> bool:
+def is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)
     except ValueError:

@@ -67,9 +67,6 @@ class FakeNamespace:
         self.routes: list[StaticRoute] = []
         self.alive = True
 
-    def by_index(self, index: int) -> Optional[FakeLink]:
-        return next((link for link in self.links.values() if link.index == index), None)
-
 
 class FakeKernel:
     def __init__(self) -> None:
@@ -179,11 +176,6 @@ class FakeNetlink:
         link = self.ns.links.get(name)
         return link.snapshot() if link else None
 
-    def link_by_index(self, index: int) -> Optional[Link]:
-        self._op("link_by_index")
-        link = self.ns.by_index(index)
-        return link.snapshot() if link else None
-
     def ensure_bridge(self, name: str, mtu: Optional[int], promisc: bool) -> Link:
         self._op("ensure_bridge")
         link = self.ns.links.get(name)
@@ -234,11 +226,6 @@ class FakeNetlink:
             return False
         self.kernel._remove(link)
         return True
-
-    def port_hairpin(self, name: str) -> bool:
-        self._op("port_hairpin")
-        link = self.ns.links.get(name)
-        return bool(link and link.hairpin)
 
     # -- addresses ------------------------------------------------------------------
     def addresses(self, name: str) -> list:

@@ -22,6 +22,7 @@ from cni_bridge.daemon import Daemon, DaemonError, Options
 from cni_bridge.protocol.errors import CNIError, Code
 from cni_bridge.protocol.result import Result
 from cni_bridge.protocol.runner import run
+from tests.support.waiting import unix_socket_listening, wait_for
 
 WAIT = 30.0   # bound for waiting on a state change; never asserted as a duration
 
@@ -83,23 +84,6 @@ class Handle:
         return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
 
 
-def wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}")
-        time.sleep(0.02)
-
-
-def _listening(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.fixture
 def start_daemon(tmp_path):
     started: list[int] = []
@@ -119,7 +103,7 @@ def start_daemon(tmp_path):
                 os._exit(code)
         started.append(pid)
         handle = Handle(pid, path)
-        wait_for(lambda: _listening(path) or not handle.alive(), "the daemon's socket")
+        wait_for(lambda: unix_socket_listening(path) or not handle.alive(), "the daemon's socket")
         assert handle.alive(), "the daemon exited at start"
         return handle
 
