@@ -35,6 +35,7 @@ CONNECT_TIMEOUT = 10.0            # connect + send; a full backlog means an over
 # Longer than the daemon's own hard limit (see daemon.HARD_LIMIT_GRACE), so the
 # daemon's answer (or its worker's death) normally comes first.
 ANSWER_TIMEOUT = 150.0
+REFUSAL_READ_TIMEOUT = 0.5       # a refusal is written before the close, so it is already there
 
 ANSWERED, UNAVAILABLE, LOST = "answered", "unavailable", "lost"
 
@@ -115,6 +116,21 @@ def decode_reply(data: bytes) -> Reply:
     return Reply(LOST, reason="the daemon's answer lacks stdout or exit")
 
 
+def _refusal_left_behind(sock) -> str | None:
+    """The reason a daemon gave before closing on a request it would not read.
+
+    A daemon that refuses a peer (wrong uid, oversized request) answers and
+    closes at once, so the client's send can break with EPIPE while the
+    refusal still waits unread in the socket.
+    """
+    try:
+        sock.settimeout(REFUSAL_READ_TIMEOUT)
+        reply = decode_reply(recv_frame(sock, MAX_RESPONSE_BYTES))
+    except (OSError, EOFError, ValueError):
+        return None
+    return reply.reason if reply.state == UNAVAILABLE and reply.reason.startswith("refused") else None
+
+
 def forward(env, stdin: bytes, config: object = None) -> Reply:
     """Hand one CNI call to the daemon named by the config; never raises.
 
@@ -144,7 +160,7 @@ def forward(env, stdin: bytes, config: object = None) -> Reply:
             sock.sendall(frame)
         except OSError as exc:
             # Not all of the request reached the daemon, so it cannot have run it.
-            return Reply(UNAVAILABLE, reason=f"connect/send: {exc}")
+            return Reply(UNAVAILABLE, reason=_refusal_left_behind(sock) or f"connect/send: {exc}")
         try:
             sock.settimeout(ANSWER_TIMEOUT)
             data = recv_frame(sock, MAX_RESPONSE_BYTES)

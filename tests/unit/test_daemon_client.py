@@ -99,6 +99,10 @@ class FakeServer:
     def serve(self) -> None:
         conn, _ = self.sock.accept()
         with conn:
+            if self.behaviour == "refuse-unread":   # as the daemon does with a peer of the wrong uid
+                body = json.dumps({"v": 1, "refused": "uid 1000 may not use this daemon"}).encode()
+                conn.sendall(len(body).to_bytes(4, "big") + body)
+                return
             self.request = json.loads(wire.recv_frame(conn, 1 << 20))
             if self.behaviour == "answer":
                 body = json.dumps({"v": 1, "stdout": '{"from": "daemon"}\n', "stderr": "warn\n",
@@ -141,6 +145,18 @@ def test_daemon_gone_after_taking_the_call_is_lost(tmp_path, behaviour):
         server.close()
     assert reply.state == wire.LOST
     assert server.request["env"] == ENV
+
+
+def test_refusal_sent_before_reading_reaches_the_client_despite_the_broken_pipe(tmp_path):
+    server = FakeServer(tmp_path / "d.sock", "refuse-unread")
+    # Larger than a socket buffer, so the send is still going when the server closes.
+    stdin = json.dumps({"cniVersion": "1.0.0", "daemonSocket": str(server.path), "pad": "x" * 600_000})
+    try:
+        reply = wire.forward(ENV, stdin.encode())
+    finally:
+        server.close()
+    assert reply.state == wire.UNAVAILABLE
+    assert reply.reason == "refused: uid 1000 may not use this daemon"
 
 
 def test_answer_is_passed_through(tmp_path):
