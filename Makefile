@@ -24,9 +24,18 @@ integration: setup
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
-.PHONY: bench bundle kind-up kind-down
+.PHONY: bench bundle shim install kind-up kind-down
 bench: setup
 	$(PY) scripts/bench.py
+
+# The static front end (Go, standard library only): dist/shim/cni-bridge.
+shim:
+	./scripts/build_shim.sh
+
+# cni-bridge (static front end), cni-bridge-python and cni-ipam into DEST.
+DEST ?= /opt/cni/bin
+install: setup
+	./scripts/install_front_end.sh $(DEST)
 
 bundle: setup
 	./scripts/bundle.sh

@@ -17,6 +17,10 @@ Example network config (a plugin entry in a conflist):
             "routes": [{"dst": "0.0.0.0/0"}]}}
 """
 
+# Set by the static front end when it runs this program: "unavailable" (the
+# daemon cannot have run the call) or "lost" (it took the call, no answer came).
+FRONT_END_ENV = "CNI_BRIDGE_FRONT_END"
+
 
 def _agent(argv: list[str]) -> int:
     from .agent.cli import main as agent_main
@@ -44,7 +48,11 @@ def main() -> int:
         sys.stderr.write(USAGE + "\nSubcommands (CNI_COMMAND unset): " + ", ".join(SUBCOMMANDS) + "\n")
         return 0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2
     env, stdin = os.environ, sys.stdin.buffer.read()
-    if env["CNI_COMMAND"] != "VERSION":
+    # The static front end (packaging/shim) already asked the daemon and says how that went.
+    asked = env.get(FRONT_END_ENV)
+    if asked is not None:
+        env = {k: v for k, v in env.items() if k != FRONT_END_ENV}
+    elif env["CNI_COMMAND"] != "VERSION":
         # A node daemon, when there is one, answers without this process importing
         # pydantic or pyroute2; otherwise (or if it fails us) run in-process.
         from . import daemon_client
@@ -54,8 +62,9 @@ def main() -> int:
             sys.stderr.write(reply.stderr)
             sys.stdout.write(reply.stdout)
             return reply.exit
-        if reply.state == daemon_client.LOST:
-            env = _after_lost_call(env, stdin)
+        asked = reply.state
+    if asked == "lost":
+        env = _after_lost_call(env, stdin)
     return run_in_process(env, stdin, sys.stdout, sys.stderr)
 
 

@@ -52,20 +52,26 @@ def io_error(action: str, path: str, exc: OSError) -> CNIError:
     return CNIError(Code.IO_FAILURE, f"cannot {action} {path}: {hint}", "check the ipam dataDir")
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` so a reader sees the old or the new file, never a torn one."""
+def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
+    """Write `data` to `path` so a reader sees the old or the new file, never a torn one.
+
+    `durable=False` skips the fsyncs: for hints whose loss in a power cut costs
+    nothing (a torn or empty hint file reads as "no hint"), not for reservations.
+    """
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         point("ipam.store.temp-written")
         os.replace(tmp, path)
-        fsync_dir(directory)
+        if durable:
+            fsync_dir(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -247,7 +253,8 @@ class FileStore:
         return _parse_ip(data.decode("ascii", "replace").strip()) if data else None
 
     def set_last_reserved(self, set_index: int, ip: IPAddress) -> None:
-        write_atomic(os.path.join(self.dir, f"{LAST_PREFIX}{set_index}"), str(ip).encode(), 0o644)
+        # Only where the round-robin search starts: losing it in a power cut is harmless.
+        write_atomic(os.path.join(self.dir, f"{LAST_PREFIX}{set_index}"), str(ip).encode(), 0o644, durable=False)
 
     # -- owner index ------------------------------------------------------------
     def _owner_path(self, owner: Owner) -> str:

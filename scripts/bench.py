@@ -135,10 +135,25 @@ def build_install(root: Path) -> Path:
     return venv / "bin"
 
 
-def make_cni_path(directory: Path, ours: Path) -> Path:
+def build_front_end() -> Optional[Path]:
+    """The static front end (scripts/build_shim.sh), or None when it cannot be built here."""
+    out = REPO / "build" / "shim" / "cni-bridge"
+    proc = subprocess.run(["sh", str(REPO / "scripts" / "build_shim.sh"), str(out)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        log(f"no static front end (build failed): {(proc.stdout + proc.stderr).strip()[-500:]}")
+        return None
+    return out
+
+
+def make_cni_path(directory: Path, ours: Path, front_end: Optional[Path]) -> Path:
+    """Our plugins as installed, plus `cni-bridge-fe`: the static front end, with the
+    Python program beside it as cni-bridge-python (where the front end looks for it)."""
     directory.mkdir(parents=True)
     for name in ("cni-bridge", "cni-ipam"):
         os.symlink(ours / name, directory / name)
+    if front_end is not None:
+        shutil.copy2(front_end, directory / "cni-bridge-fe")
+        os.symlink(ours / "cni-bridge", directory / "cni-bridge-python")
     for plugin in REFERENCE.iterdir():
         os.symlink(plugin, directory / plugin.name)
     return directory
@@ -426,7 +441,8 @@ def main() -> int:
         stack.callback(shutil.rmtree, work, True)
         log(f"building a production-style install in {work}")
         bin_dir = build_install(work / "install")
-        cni_path = make_cni_path(work / "cni-bin", bin_dir)
+        front_end = build_front_end()
+        cni_path = make_cni_path(work / "cni-bin", bin_dir, front_end)
         namespaces = Namespaces()
         stack.callback(namespaces.close)
         host = namespaces.add("host")
@@ -440,11 +456,15 @@ def main() -> int:
         variants = [
             Variant("sa", "cni-bridge standalone", "cni-bridge",
                     lambda m: bridge_conf("bench-sa", "brsa", "10.202.0.0/16", work / "ipam", m, "")),
-            Variant("dm", "cni-bridge + daemon", "cni-bridge",
+            Variant("dm", "cni-bridge + daemon, Python front end", "cni-bridge",
                     lambda m: bridge_conf("bench-dm", "brdm", "10.203.0.0/16", work / "ipam", m, str(socket_path))),
             Variant("ref", "reference bridge + host-local", "bridge",
                     lambda m: reference_conf("bench-ref", "brref", "10.201.0.0/16", work / "ipam", m)),
         ]
+        if front_end is not None:
+            variants.insert(2, Variant(
+                "fe", "cni-bridge + daemon, static front end", "cni-bridge-fe",
+                lambda m: bridge_conf("bench-fe", "brfe", "10.207.0.0/16", work / "ipam", m, str(socket_path))))
         by_key = {v.key: v for v in variants}
 
         # Warm every path once (page cache, first bridge creation) before measuring.
@@ -485,10 +505,10 @@ def main() -> int:
             perf[variant.key] = {"cycle_off_s": c_off, "cycle_on_s": c_on, "burst_add_s": b_add,
                                  "burst_del_s": b_del, "burst_s": b_all, "ratio_cycle_off": r_off,
                                  "ratio_cycle_on": r_on, "ratio_burst": r_b}
-            target = TARGETS.get({"sa": "standalone", "dm": "daemon"}.get(variant.key, ""), None)
+            target = TARGETS.get({"sa": "standalone", "dm": "daemon", "fe": "daemon"}.get(variant.key, ""), None)
             verdict = "-"
             if target is not None:
-                checks = [r_off <= target, r_on <= target] + ([r_b <= target] if variant.key == "dm" else [])
+                checks = [r_off <= target, r_on <= target] + ([r_b <= target] if variant.key != "sa" else [])
                 verdict = f"<= {target:g}x: " + ("met" if all(checks) else "NOT met")
             rows.append([variant.label, fmt_ms(c_off), f"{r_off:.2f}x", fmt_ms(c_on), f"{r_on:.2f}x",
                          f"{fmt_ms(b_all)} ({fmt_ms(b_add)} + {fmt_ms(b_del)})", f"{r_b:.2f}x", verdict])
@@ -553,8 +573,11 @@ def main() -> int:
         # Peak RSS.
         log("memory")
         rss_rows = []
-        for label, plugin, conf in (("cni-bridge ADD, standalone", "cni-bridge", sa_conf),
-                                    ("cni-bridge ADD, via daemon (client)", "cni-bridge", dm_conf),
+        rss_steps = [("cni-bridge ADD, standalone", "cni-bridge", sa_conf),
+                     ("cni-bridge ADD, via daemon (Python front end)", "cni-bridge", dm_conf)]
+        if front_end is not None:
+            rss_steps.append(("cni-bridge ADD, via daemon (static front end)", "cni-bridge-fe", dm_conf))
+        for label, plugin, conf in (*rss_steps,
                                     ("reference bridge ADD (+ host-local)", "bridge",
                                      by_key["ref"].make_conf(False))):
             peak = bench.peak_rss_kb(plugin, "ADD", conf, "rss", pod)

@@ -3,9 +3,11 @@
 #
 #   scripts/bundle.sh [OUT]        # default OUT = dist/cni-bin
 #
-# OUT/cni-bridge      PyInstaller one-folder executable (bootloader + frozen app)
-# OUT/cni-ipam        a hard link to the same executable; the name picks the plugin
-# OUT/cni-bridge-lib/ libpython, extension modules and pure-Python archives
+# OUT/cni-bridge         the static front end (packaging/shim): hands each call to
+#                        the node daemon, or runs cni-bridge-python when none answers
+# OUT/cni-bridge-python  PyInstaller one-folder executable (bootloader + frozen app)
+# OUT/cni-ipam           a hard link to cni-bridge-python; the name picks the plugin
+# OUT/cni-bridge-lib/    libpython, extension modules and pure-Python archives
 #
 # It needs only glibc on the target (the same or a newer glibc than the build
 # machine's; kind's node image and this machine are both Debian 12).
@@ -39,15 +41,15 @@ fi
 # installed distributions (pip freeze) and the interpreter.
 source_hash() {
   {
-    find cni_bridge ipam packaging \( -name '*.py' -o -name '*.spec' \) -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
-    sha256sum scripts/bundle.sh pyproject.toml
+    find cni_bridge ipam packaging \( -name '*.py' -o -name '*.spec' -o -name '*.go' \) -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+    sha256sum scripts/bundle.sh scripts/build_shim.sh pyproject.toml
     "$PY" -m pip freeze --disable-pip-version-check 2>/dev/null | grep -v '^-e ' | LC_ALL=C sort
     "$PY" -c 'import sys; print(sys.version)'
   } | sha256sum | cut -d' ' -f1
 }
 HASH=$(source_hash)
 if [ "${FORCE:-0}" != 1 ] && [ -f "$OUT/.bundle-hash" ] && [ "$(cat "$OUT/.bundle-hash")" = "$HASH" ] \
-   && [ -x "$OUT/cni-bridge" ] && [ -x "$OUT/cni-ipam" ]; then
+   && [ -x "$OUT/cni-bridge" ] && [ -x "$OUT/cni-bridge-python" ] && [ -x "$OUT/cni-ipam" ]; then
   echo "bundle: $OUT is up to date"
   exit 0
 fi
@@ -61,13 +63,15 @@ STAGE="$OUT.tmp.$$"
 rm -rf "$STAGE"
 mkdir -p "$(dirname "$OUT")"
 cp -a "$WORK/dist/cni-bridge" "$STAGE"
-ln "$STAGE/cni-bridge" "$STAGE/cni-ipam"
+mv "$STAGE/cni-bridge" "$STAGE/cni-bridge-python"
+ln "$STAGE/cni-bridge-python" "$STAGE/cni-ipam"
+FORCE=1 sh scripts/build_shim.sh "$STAGE/cni-bridge"
 echo "$HASH" > "$STAGE/.bundle-hash"
 rm -rf "$OUT"
 mv "$STAGE" "$OUT"
 
 # A bundle that cannot answer VERSION is not a bundle.
-for exe in cni-bridge cni-ipam; do
+for exe in cni-bridge cni-bridge-python cni-ipam; do
   if ! CNI_COMMAND=VERSION "$OUT/$exe" </dev/null | grep -q supportedVersions; then
     echo "bundle: $OUT/$exe does not answer VERSION" >&2
     exit 1

@@ -27,10 +27,13 @@ fi
 ln -sfn "$version" "$DEST/.$LIB.tmp"
 mv -T "$DEST/.$LIB.tmp" "$DEST/$LIB"
 
+# The Python program first: the front end (cni-bridge) runs it when no daemon answers.
+cp "$SRC/cni-bridge-python" "$DEST/.cni-bridge-python.tmp"
+mv -f "$DEST/.cni-bridge-python.tmp" "$DEST/cni-bridge-python"
+ln -f "$DEST/cni-bridge-python" "$DEST/.cni-ipam.tmp"     # one program, two names
+mv -f "$DEST/.cni-ipam.tmp" "$DEST/cni-ipam"
 cp "$SRC/cni-bridge" "$DEST/.cni-bridge.tmp"
 mv -f "$DEST/.cni-bridge.tmp" "$DEST/cni-bridge"
-ln -f "$DEST/cni-bridge" "$DEST/.cni-ipam.tmp"     # one program, two names
-mv -f "$DEST/.cni-ipam.tmp" "$DEST/cni-ipam"
 
 for old in "$DEST/$LIB"-*; do
   name=$(basename "$old")

@@ -32,3 +32,16 @@ def cnitool_bin():
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
     return path
+
+
+@pytest.fixture(scope="session")
+def shim_bin():
+    """build/shim/cni-bridge (the static front end), built once per session by scripts/build_shim.sh."""
+    from tests.support.runtime import build_shim
+
+    path, why = build_shim()
+    if path is None:
+        if why.startswith("BUILD FAILED"):
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    return path

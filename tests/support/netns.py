@@ -109,11 +109,19 @@ class CniHost:
         return PluginResult(proc.returncode, proc.stdout, proc.stderr)
 
 
-def make_cni_path(directory: Path) -> Path:
-    """A CNI_PATH dir: our two executables plus every reference plugin Debian ships."""
+def make_cni_path(directory: Path, front_end: Optional[Path] = None) -> Path:
+    """A CNI_PATH dir: our two executables plus every reference plugin Debian ships.
+
+    With `front_end` (the static front end, build/shim/cni-bridge), cni-bridge is
+    that program and the Python one sits beside it as cni-bridge-python, as
+    installed on a node that runs the daemon.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("cni-bridge", "cni-ipam"):
         os.symlink(VENV_BIN / name, directory / name)
+    if front_end is not None:
+        os.rename(directory / "cni-bridge", directory / "cni-bridge-python")
+        shutil.copy2(front_end, directory / "cni-bridge")
     if REFERENCE_DIR.is_dir():
         for plugin in REFERENCE_DIR.iterdir():
             os.symlink(plugin, directory / plugin.name)

@@ -34,6 +34,22 @@ GOCODE_LIBCNI = Path("/usr/share/gocode/src/github.com/containernetworking/cni/l
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
+# --------------------------------------------------------------------- static front end build
+SHIM = REPO / "build" / "shim" / "cni-bridge"
+
+
+def build_shim(out: Path = SHIM) -> tuple[Optional[Path], str]:
+    """Build (or reuse) the static front end: (path, "") or (None, why not)."""
+    proc = subprocess.run(["sh", str(REPO / "scripts" / "build_shim.sh"), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 0 and out.is_file():
+        return out, ""
+    log = (proc.stdout + proc.stderr).strip()[-2000:]
+    if shutil.which("go") is None:
+        return None, f"cannot install go (golang-go) to build the static front end:\n{log}"
+    return None, f"BUILD FAILED: scripts/build_shim.sh exited {proc.returncode}:\n{log}"
+
+
 # --------------------------------------------------------------------- cnitool build
 def build_cnitool(out: Path = CNITOOL) -> tuple[Optional[Path], str]:
     """Build (or reuse an up-to-date) cnitool. Returns (path, "") or (None, why not).

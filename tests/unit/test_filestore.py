@@ -77,6 +77,20 @@ def test_atomic_writes_leave_no_temp_files(store, tmp_path):
     assert not [n for n in names if n.startswith(".tmp")]
 
 
+def test_reservation_and_owner_record_are_synced_the_cursor_is_not(store, tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
+    allocator(store).allocate(("c1", "eth0"))
+    d = net_dir(tmp_path)
+    names = [os.path.basename(p) for p in synced]
+    assert any(n.startswith(".tmp-10.0.0.2") for n in names)            # the reservation, before its rename
+    assert any(n.startswith(".tmp-c1:eth0") for n in names)             # the owner record
+    assert str(d) in synced and str(d / "owners") in synced             # the renames themselves
+    assert not any("last_reserved" in n for n in names)                 # the cursor is only a hint
+
+
 def test_sweep_removes_temp_files_left_by_a_killed_writer(store, tmp_path):
     store.ensure_dirs()
     left = net_dir(tmp_path) / ".tmp-10.0.0.2.4242"
