@@ -93,7 +93,7 @@ class BridgePlugin:
 
     @staticmethod
     def _ensure_gateway(host: Any, plan: AttachmentPlan, gateway: Any) -> None:
-        for present in host.addresses(plan.bridge):
+        for present in host.addresses(plan.bridge, gateway.version):
             if present == gateway:
                 return
             if present.version == gateway.version and present.network == gateway.network:
@@ -106,7 +106,9 @@ class BridgePlugin:
 
     @staticmethod
     def _result(plan: AttachmentPlan, host: Any, container: Any, netns: str, bridge_name: str) -> Result:
-        bridge, veth, inner = host.link(bridge_name), host.link(plan.host_veth), container.link(plan.container_ifname)
+        # The bridge afresh: its MAC follows its ports unless pinned. A veth's MAC stays put.
+        bridge = host.link(bridge_name)
+        veth, inner = host.known_link(plan.host_veth), container.known_link(plan.container_ifname)
         if bridge is None or veth is None or inner is None:
             raise CNIError(Code.INTERNAL, "an interface vanished while the attachment was being made")
         interfaces = (

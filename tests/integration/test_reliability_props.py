@@ -79,6 +79,9 @@ class FakeNetlink:
         return Link(index=d["index"], name=name, kind=d["kind"], mac=d["mac"], mtu=d["mtu"],
                     master=d["master"], up=d["up"], promisc=False)
 
+    def known_link(self, name: str) -> Optional[Link]:
+        return self.link(name)
+
     def ensure_bridge(self, name, mtu, promisc) -> Link:
         if name not in self.table:
             self._new(self.table, name, "bridge", mtu)
@@ -111,8 +114,8 @@ class FakeNetlink:
             self.kernel.links.get(ns, {}).pop(peer, None)
         return True
 
-    def addresses(self, name):
-        return list(self.table[name]["addrs"]) if name in self.table else []
+    def addresses(self, name, version=None):
+        return [a for a in self.table[name]["addrs"] if version in (None, a.version)] if name in self.table else []
 
     def add_address(self, name, address) -> None:
         if address not in self.table[name]["addrs"]:

@@ -176,6 +176,9 @@ class FakeNetlink:
         link = self.ns.links.get(name)
         return link.snapshot() if link else None
 
+    def known_link(self, name: str) -> Optional[Link]:
+        return self.link(name)
+
     def ensure_bridge(self, name: str, mtu: Optional[int], promisc: bool) -> Link:
         self._op("ensure_bridge")
         link = self.ns.links.get(name)
@@ -228,10 +231,10 @@ class FakeNetlink:
         return True
 
     # -- addresses ------------------------------------------------------------------
-    def addresses(self, name: str) -> list:
+    def addresses(self, name: str, version: Optional[int] = None) -> list:
         self._op("addresses")
         link = self.ns.links.get(name)
-        return list(link.addresses) if link else []
+        return [a for a in link.addresses if version in (None, a.version)] if link else []
 
     def add_address(self, name: str, address: Any) -> None:
         self._op("add_address")
