@@ -65,6 +65,12 @@ def main() -> int:
         asked = reply.state
     if asked == "lost":
         env = _after_lost_call(env, stdin)
+    # This process lives for one call: collecting cycles while pydantic and pyroute2
+    # import (hundreds of thousands of objects) costs ~10-15 ms and frees nothing
+    # that exit would not. (The daemon calls run_in_process directly, with gc on.)
+    import gc
+
+    gc.disable()
     return run_in_process(env, stdin, sys.stdout, sys.stderr)
 
 

@@ -31,6 +31,9 @@ def main() -> int:
             return cli_main(sys.argv[1:], sys.stdout, sys.stderr)
         sys.stderr.write(USAGE)
         return 0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2
+    import gc
+
+    gc.disable()   # one call per process: cycle collection during imports only costs time
     from cni_bridge import faults
     from cni_bridge.oplog import IPAM_LOG_KEYS, run_logged
 

@@ -513,6 +513,24 @@ def main() -> int:
             rows.append([variant.label, fmt_ms(c_off), f"{r_off:.2f}x", fmt_ms(c_on), f"{r_on:.2f}x",
                          f"{fmt_ms(b_all)} ({fmt_ms(b_add)} + {fmt_ms(b_del)})", f"{r_b:.2f}x", verdict])
         results["performance"] = perf
+
+        # The floor the 16x comes from: a bare interpreter that imports pyroute2 and
+        # pydantic, twice per cycle (ADD, DEL), against this run's reference cycle.
+        floor_runs = []
+        for _ in range(9):
+            started = time.perf_counter()
+            subprocess.run([str(bin_dir / "python"), "-c", "import pyroute2, pydantic; pydantic.BaseModel"],
+                           check=True, capture_output=True)
+            floor_runs.append(time.perf_counter() - started)
+        floor = med(floor_runs)
+        results["import_floor_s"] = floor
+        floor_line = (f"Floor: an interpreter importing pyroute2 and pydantic takes {fmt_ms(floor)} here; "
+                      f"two of them (ADD and DEL) are {2 * floor / ref_cycle[False]:.1f}x the reference cycle "
+                      f"before any work. ")
+        beyond = perf["sa"]["cycle_off_s"] - 2 * floor
+        floor_line += (f"cni-bridge standalone spends {fmt_ms(beyond)} per cycle beyond that floor." if beyond >= 0
+                       else f"cni-bridge standalone takes {fmt_ms(-beyond)} less than that floor per cycle "
+                            f"(it imports only the parts of pyroute2 it uses).")
         perf_table = table(["variant", "cycle, ipMasq off", "ratio", "cycle, ipMasq on", "ratio",
                             f"{args.pods}-pod burst (ADD + DEL)", "ratio", "target"], rows)
 
@@ -645,6 +663,7 @@ def main() -> int:
           f"the variants are interleaved so that it skews the ratios less)\n")
     print("## ADD+DEL cycle and parallel burst (ratio = variant / reference)\n")
     print(perf_table)
+    print("\n" + floor_line)
     print("\n## Import budget per verb (one exec each; times are inflated by -X importtime)\n")
     print(budget_table)
     print(f"\nVERSION exec, wall: {sa_version * 1000:.1f} ms as installed by `pip install .`"
