@@ -86,3 +86,14 @@ def test_install_script_lays_out_a_cni_bin_dir(shim_bin, tmp_path):
         answer = subprocess.run([str(dest / exe)], env={"CNI_COMMAND": "VERSION"}, input="{}",
                                 capture_output=True, text=True, timeout=60)
         assert answer.returncode == 0 and "supportedVersions" in answer.stdout, answer.stdout + answer.stderr
+
+
+@pytest.mark.parametrize("stdin", [b"not json", b"", b"{\"cniVersion\": "], ids=["text", "empty", "truncated"])
+def test_undecodable_stdin_gets_the_python_programs_error(cni_host, make_netns, stdin):
+    pod = make_netns("p")
+    answers = []
+    for plugin in ("cni-bridge", "cni-bridge-python"):
+        res = cni_host.run(plugin, "ADD", stdin, container_id="c1", netns=pod.path)
+        answers.append((res.rc, res.stdout, res.stderr))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 1 and json.loads(answers[0][1])["code"] == 6
