@@ -93,6 +93,25 @@ class AttachmentPlan:
     result: Result                               # IPAM's result, completed (ips, routes, dns)
 
 
+def configured_ip_versions(ipam: object) -> set[int]:
+    """IP versions of the subnets a host-local style `ipam` section names (`ranges`,
+    legacy `subnet`); empty when it names none (another IPAM type, or a bad config,
+    which ADD reports)."""
+    if not isinstance(ipam, dict):
+        return set()
+    subnets = [ipam.get("subnet")]
+    ranges = ipam.get("ranges")
+    if isinstance(ranges, list):
+        subnets += [r.get("subnet") for rs in ranges if isinstance(rs, list) for r in rs if isinstance(r, dict)]
+    versions = set()
+    for subnet in subnets:
+        try:
+            versions.add(ipaddress.ip_network(subnet, strict=False).version)
+        except (TypeError, ValueError):
+            continue
+    return versions
+
+
 def gateway_for(ip: IPConfig) -> IPAddress:
     """IPAM's gateway, or the subnet's first address as the reference plugin does."""
     return ip.gateway if ip.gateway is not None else ip.address.network[1]

@@ -9,7 +9,7 @@ from . import ipam_client, masq, sysctl
 from .faults import point
 from .confbase import load
 from .config import BridgeConf
-from .plan import AttachmentPlan, host_veth_name, plan_attachment
+from .plan import AttachmentPlan, configured_ip_versions, host_veth_name, plan_attachment
 from .protocol.errors import CNIError, Code
 from .protocol.result import Interface, Result
 from .protocol.runner import Request
@@ -197,8 +197,12 @@ class BridgePlugin:
     # -- STATUS ---------------------------------------------------------------------
     def status(self, req: Request) -> None:
         conf = load(BridgeConf, req.config)
-        if conf.ip_masq and not masq.available():
-            raise CNIError(Code.CANNOT_SERVE_ADD, "ipMasq is set but iptables is not installed")
+        if conf.ip_masq:
+            # The IP versions the ranges name; IPv4 when the IPAM config names none.
+            missing = masq.missing_tools(configured_ip_versions(req.config.get("ipam")) or {4})
+            if missing:
+                raise CNIError(Code.CANNOT_SERVE_ADD, f"ipMasq is set but {', '.join(missing)} is not installed",
+                               "install the iptables package or set ipMasq to false")
         try:
             ipam_client.status(req)
         except CNIError as err:

@@ -259,11 +259,11 @@ def test_status_50_when_range_exhausted(cni, pod):
     cni.ok("cni-bridge", "STATUS", conf)
 
 
-def _path_without_iptables(cni) -> str:
-    """A PATH directory holding `ip` (to enter the netns) but no iptables."""
-    directory = cni.tmp / "noiptables"
+def _path_without_iptables(cni, keep: tuple[str, ...] = ()) -> str:
+    """A PATH directory holding `ip` (to enter the netns) and the tools in `keep`, but no iptables."""
+    directory = cni.tmp / ("noiptables-" + "-".join(keep) if keep else "noiptables")
     directory.mkdir(exist_ok=True)
-    for tool in ("ip",):
+    for tool in ("ip", *keep):
         target = next(f"{d}/{tool}" for d in ("/usr/sbin", "/sbin", "/usr/bin", "/bin")
                       if os.path.exists(f"{d}/{tool}"))
         if not (directory / tool).exists():
@@ -277,6 +277,13 @@ def test_status_50_when_ipmasq_without_iptables(cni):
     cni.fails(50, "cni-bridge", "STATUS", conf, "iptables", env=env)
     # Without ipMasq nothing needs iptables.
     cni.ok("cni-bridge", "STATUS", {**conf, "ipMasq": False}, env=env)
+
+
+def test_status_50_when_ipmasq_has_ipv6_ranges_without_ip6tables(cni):
+    env = {"PATH": _path_without_iptables(cni, keep=("iptables", "iptables-restore"))}
+    dual = bridge_conf(cni, "10.77.0.0/24", "fd77::/64", version="1.1.0", ipMasq=True)
+    cni.fails(50, "cni-bridge", "STATUS", dual, "ip6tables", env=env)
+    cni.ok("cni-bridge", "STATUS", bridge_conf(cni, version="1.1.0", ipMasq=True), env=env)
 
 
 def test_add_ipmasq_without_iptables_fails_and_leaves_nothing(cni, pod):

@@ -38,6 +38,7 @@ class HostEffects:
         self.masq_teardown: list[tuple[str, str, str]] = []
         self.rules: set[tuple[str, str, str]] = set()   # (network, cid, ifname) of installed chains
         self.iptables = True
+        self.ip6tables = True
         self.fail_forwarding: CNIError | None = None
         self.fail_masq: CNIError | None = None
 
@@ -57,6 +58,10 @@ class HostEffects:
     def attachments(self, network):
         return {(c, i) for (n, c, i) in self.rules if n == network}
 
+    def missing_tools(self, versions):
+        present = {4: self.iptables, 6: self.ip6tables}
+        return [{4: "iptables", 6: "ip6tables"}[v] for v in sorted(versions) if not present[v]]
+
 
 @pytest.fixture
 def host(monkeypatch) -> HostEffects:
@@ -65,7 +70,7 @@ def host(monkeypatch) -> HostEffects:
     monkeypatch.setattr(masq, "setup", effects.setup)
     monkeypatch.setattr(masq, "teardown", effects.teardown)
     monkeypatch.setattr(masq, "attachments", effects.attachments)
-    monkeypatch.setattr(masq, "available", lambda: effects.iptables)
+    monkeypatch.setattr(masq, "missing_tools", effects.missing_tools)
     monkeypatch.setattr(ipam.plugin, "current_boot_id", lambda: "boot-test")
     return effects
 
@@ -473,6 +478,16 @@ def test_status(plugin, kernel, host, config):
     with pytest.raises(CNIError) as info:
         verb(plugin, "STATUS", {**conf, "ipMasq": True})
     assert info.value.code == Code.CANNOT_SERVE_ADD
+
+
+def test_status_checks_the_firewall_tool_of_each_ip_version_the_ranges_name(plugin, host, config):
+    dual = {**config, "cniVersion": "1.1.0", "ipMasq": True,
+            "ipam": {**config["ipam"], "ranges": [[{"subnet": "10.22.0.0/16"}], [{"subnet": "fd22::/64"}]]}}
+    host.ip6tables = False
+    with pytest.raises(CNIError) as info:
+        verb(plugin, "STATUS", dual)
+    assert info.value.code == Code.CANNOT_SERVE_ADD and "ip6tables" in info.value.msg
+    verb(plugin, "STATUS", {**config, "cniVersion": "1.1.0", "ipMasq": True})   # IPv4 only: fine
 
 
 def test_status_when_ipam_is_exhausted(plugin, kernel, host, config):

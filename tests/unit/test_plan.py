@@ -8,7 +8,7 @@ import pytest
 
 from cni_bridge.confbase import load
 from cni_bridge.config import BridgeConf
-from cni_bridge.plan import (KernelRoute, host_veth_name, masq_chain_name, masq_comment,
+from cni_bridge.plan import (KernelRoute, configured_ip_versions, host_veth_name, masq_chain_name, masq_comment,
                              parse_masq_comment, plan_attachment)
 from cni_bridge.protocol.errors import CNIError
 from cni_bridge.protocol.result import DNS, IPConfig, Result, Route
@@ -173,3 +173,15 @@ def test_plan_copies_link_settings():
     p = plan(conf(bridge="br9", mtu=1400, hairpinMode=True, forceAddress=True), Result(ips=(V4,)), ifname="net1")
     assert (p.bridge, p.mtu, p.hairpin, p.promisc, p.force_address, p.container_ifname) == \
         ("br9", 1400, True, False, True, "net1")
+
+
+@pytest.mark.parametrize("ipam, versions", [
+    ({"type": "cni-ipam", "ranges": [[{"subnet": "10.1.0.0/16"}], [{"subnet": "fd00::/64"}]]}, {4, 6}),
+    ({"type": "host-local", "subnet": "fd00::/64"}, {6}),
+    ({"type": "cni-ipam", "ranges": [[{"subnet": "10.1.0.0/16"}, {"subnet": "10.2.0.0/16"}]]}, {4}),
+    ({"type": "dhcp"}, set()),
+    ({"type": "cni-ipam", "ranges": [[{"subnet": "not-a-subnet"}], "junk", [7]]}, set()),
+    (None, set()),
+])
+def test_configured_ip_versions(ipam, versions):
+    assert configured_ip_versions(ipam) == versions
