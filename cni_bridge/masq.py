@@ -35,6 +35,10 @@ def _run(argv: list[str], stdin: str = "") -> str:
     return proc.stdout
 
 
+def available() -> bool:
+    return shutil.which(_TOOLS[4]) is not None
+
+
 def missing_tools(versions: Iterable[int]) -> list[str]:
     """The iptables programs ipMasq needs for these IP versions that are not installed."""
     return [name for version in sorted(set(versions)) for name in (_TOOLS[version], _TOOLS[version] + "-restore")
