@@ -21,17 +21,23 @@ def pod(make_netns):
     return make_netns("p")
 
 
-@pytest.fixture(scope="session")
-def cnitool_bin():
-    """build/cnitool (the libcni harness), built once per session by tests/harness/build_cnitool.sh."""
-    from tests.support.runtime import build_cnitool
-
-    path, why = build_cnitool()
+def _built(build) -> object:
+    """The path a tests.support.runtime build returns; skip when the tools cannot be
+    installed here, fail when they are present and the build breaks."""
+    path, why = build()
     if path is None:
         if why.startswith("BUILD FAILED"):
             pytest.fail(why, pytrace=False)
         pytest.skip(why)
     return path
+
+
+@pytest.fixture(scope="session")
+def cnitool_bin():
+    """build/cnitool (the libcni harness), built once per session by tests/harness/build_cnitool.sh."""
+    from tests.support.runtime import build_cnitool
+
+    return _built(build_cnitool)
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +45,4 @@ def shim_bin():
     """build/shim/cni-bridge (the static front end), built once per session by scripts/build_shim.sh."""
     from tests.support.runtime import build_shim
 
-    path, why = build_shim()
-    if path is None:
-        if why.startswith("BUILD FAILED"):
-            pytest.fail(why, pytrace=False)
-        pytest.skip(why)
-    return path
+    return _built(build_shim)

@@ -2,7 +2,8 @@
 
 Helpers shared by tests/integration/test_runtime_*.py:
 
-- `build_cnitool()` builds tests/harness/cnitool once into build/cnitool.
+- `build_cnitool()` / `build_shim()` build tests/harness/cnitool into build/cnitool and
+  the static front end into build/shim/cni-bridge.
 - `adapt_conflist()` turns one of conf/*.conflist into a per-test copy (own
   bridge, dataDir in tmp, own subnet) so nothing collides.
 - `Cnitool` runs `cnitool add|check|del` inside a scratch "host" netns, with an
@@ -34,44 +35,42 @@ GOCODE_LIBCNI = Path("/usr/share/gocode/src/github.com/containernetworking/cni/l
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-# --------------------------------------------------------------------- static front end build
+# --------------------------------------------------------------------- Go builds
 SHIM = REPO / "build" / "shim" / "cni-bridge"
 
 
-def build_shim(out: Path = SHIM) -> tuple[Optional[Path], str]:
-    """Build (or reuse) the static front end: (path, "") or (None, why not)."""
-    proc = subprocess.run(["sh", str(REPO / "scripts" / "build_shim.sh"), str(out)],
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode == 0 and out.is_file():
-        return out, ""
-    log = (proc.stdout + proc.stderr).strip()[-2000:]
-    if shutil.which("go") is None:
-        return None, f"cannot install go (golang-go) to build the static front end:\n{log}"
-    return None, f"BUILD FAILED: scripts/build_shim.sh exited {proc.returncode}:\n{log}"
+def _go_build(script: Path, out: Path, what: str, needs: dict[str, Callable[[], bool]]) -> tuple[Optional[Path], str]:
+    """Run a build script that installs its own Go tools with apt when missing.
 
-
-# --------------------------------------------------------------------- cnitool build
-def build_cnitool(out: Path = CNITOOL) -> tuple[Optional[Path], str]:
-    """Build (or reuse an up-to-date) cnitool. Returns (path, "") or (None, why not).
-
-    The build script installs golang-go and golang-github-appc-cni-dev with apt
-    when they are missing; only when that is impossible do we report a reason
-    (the caller skips). A build failure with the tools present is a real
-    failure and is reported as such (path None, reason starting "BUILD FAILED").
+    Returns (path, "") or (None, why not). Only when a tool in `needs` (name ->
+    a check, made after the run) is still missing do we report a reason the caller
+    skips on; a build failure with the tools present is a real failure, reported
+    with a reason starting "BUILD FAILED".
     """
-    proc = subprocess.run(["sh", str(HARNESS / "build_cnitool.sh"), str(out)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(["sh", str(script), str(out)], capture_output=True, text=True, timeout=600)
     if proc.returncode == 0 and out.is_file():
         return out, ""
-    have_go = shutil.which("go") is not None
-    have_libcni = GOCODE_LIBCNI.is_dir()
     log = (proc.stdout + proc.stderr).strip()[-2000:]
-    if not have_go or not have_libcni:
-        missing = [n for n, ok in (("go (golang-go)", have_go),
-                                   ("libcni source (golang-github-appc-cni-dev)", have_libcni)) if not ok]
-        return None, f"cannot install {' and '.join(missing)} to build the cnitool harness:\n{log}"
-    return None, f"BUILD FAILED: tests/harness/build_cnitool.sh exited {proc.returncode}:\n{log}"
+    missing = [name for name, present in needs.items() if not present()]
+    if missing:
+        return None, f"cannot install {' and '.join(missing)} to build {what}:\n{log}"
+    return None, f"BUILD FAILED: {script.relative_to(REPO)} exited {proc.returncode}:\n{log}"
 
+
+def _have_go() -> bool:
+    return shutil.which("go") is not None
+
+
+def build_shim(out: Path = SHIM) -> tuple[Optional[Path], str]:
+    """Build (or reuse) the static front end."""
+    return _go_build(REPO / "scripts" / "build_shim.sh", out, "the static front end",
+                     {"go (golang-go)": _have_go})
+
+
+def build_cnitool(out: Path = CNITOOL) -> tuple[Optional[Path], str]:
+    """Build (or reuse an up-to-date) cnitool on Debian's libcni."""
+    return _go_build(HARNESS / "build_cnitool.sh", out, "the cnitool harness",
+                     {"go (golang-go)": _have_go, "libcni source (golang-github-appc-cni-dev)": GOCODE_LIBCNI.is_dir})
 
 # ------------------------------------------------------------------------ conflists
 def load_conflist(filename: str) -> dict:
