@@ -12,8 +12,7 @@ Why pre-forked processes and not threads:
 - the GIL would put all pods of a burst on one core; workers use them all;
 - a request that crashes the interpreter, leaks, or hangs in C code takes
   down one worker, which the supervisor replaces; the daemon keeps serving;
-- setns(2), signals (the per-request time limit is a SIGALRM in the worker)
-  and pyroute2's sockets need no thread-safety thought.
+- setns(2) and pyroute2's sockets need no thread-safety thought.
 
 The daemon must run in the host network namespace (and the host PID and mount
 namespaces, so that CNI_NETNS paths resolve): bridge, host veth, gateway
@@ -21,12 +20,26 @@ address, forwarding sysctl and masquerade rules are made in the namespace the
 worker runs in, exactly as an exec'd plugin makes them in the namespace the
 runtime started it in.
 
-Security: the socket is 0600 in a directory the daemon creates 0700; every
-connection's SO_PEERCRED uid must be root (the socket mode already stops
-others; this stops them even if someone loosens it). Requests are limited in
-size (1 MiB) and time: the whole request must arrive within a few seconds, a
-call that runs past --request-timeout fails with CNI error 11 (its ADD
-rollback runs), and a worker still busy 15 s after that is killed.
+Security: the socket is 0600 in a root-owned directory the daemon creates
+0700; every connection's SO_PEERCRED uid must be root and the peer must hold
+CAP_NET_ADMIN (what the call would need in-process), and it must run in the
+daemon's own network namespace (a plugin elsewhere would get its host objects
+made in the wrong one). Requests are limited in size (1 MiB) and time: the
+whole request must arrive within a few seconds.
+
+Calls nobody waits for: a runtime that killed the plugin, or a client that
+stopped waiting, has moved on (it will send DEL, or ADD again), so a late run
+of the old call would work behind its back. A worker never starts a call
+whose client hung up, stops an ADD at its next step once the client is gone
+(the ADD's rollback runs), and undoes with a DEL an ADD that finished for
+nobody. The time limit (--request-timeout, CNI error 11) is cooperative too:
+it is checked between the steps of an ADD (the fault points), never inside a
+step such as a setns into the pod and back; a worker that is still busy 15 s
+past it (stuck in the kernel or a child process) is killed, its client sees
+the connection close and redoes the call in-process with a DEL first. The
+limits nest below kubelet's 120 s runtime-request-timeout: the client waits
+at most daemon_client.ANSWER_TIMEOUT, and the daemon's limit plus the grace
+is capped below that.
 """
 from __future__ import annotations
 
@@ -49,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, TextIO
 
 from . import daemon_client as wire
+from . import faults
 from .protocol.errors import CNIError, Code
 
 log = logging.getLogger("cni-bridge.daemon")
@@ -56,7 +70,11 @@ log = logging.getLogger("cni-bridge.daemon")
 DEFAULT_WORKERS = max(2, min(8, 2 * (os.cpu_count() or 1)))
 REQUEST_TIMEOUT = 60.0      # seconds a call may run before it fails with code 11
 HARD_LIMIT_GRACE = 15.0     # after that, the supervisor kills a worker that is still busy
+# The client must learn the outcome (an answer, or a killed worker's closed
+# socket) before it stops waiting: keep a margin for the queue and the answer.
+MAX_REQUEST_TIMEOUT = wire.ANSWER_TIMEOUT - HARD_LIMIT_GRACE - 10.0
 READ_TIMEOUT = 5.0          # to receive a whole request once connected
+CAP_NET_ADMIN = 12          # capability bit the peer must hold
 MAX_REQUESTS_PER_WORKER = 1000   # then the worker is replaced (bounds any slow leak)
 BACKLOG = 256               # a burst of pods queues here while the workers are busy
 ALLOWED_UIDS = frozenset({0})
@@ -74,6 +92,12 @@ class RequestTimeout(CNIError):
                          "the call was stopped and rolled back; try again")
 
 
+class ClientGone(CNIError):
+    def __init__(self) -> None:
+        super().__init__(Code.TRY_AGAIN_LATER, "the plugin that asked for this call has gone",
+                         "the call was stopped and rolled back")
+
+
 class Refused(Exception):
     """A request the daemon will not run; the client falls back to in-process execution."""
 
@@ -86,11 +110,42 @@ class Options:
     max_request_bytes: int = wire.MAX_REQUEST_BYTES
     max_requests_per_worker: int = MAX_REQUESTS_PER_WORKER
     allowed_uids: frozenset = field(default_factory=lambda: ALLOWED_UIDS)
+    read_timeout: float = READ_TIMEOUT
+    required_capability: Optional[int] = CAP_NET_ADMIN
 
 
 # -- entry point ------------------------------------------------------------------
 
 def main(argv: list[str]) -> int:
+    options, log_level, requested_timeout = _parse(argv)
+    # The daemon's own log has its own handler; the root logger stays free for
+    # the calls, whose warnings go to each call's stderr as in-process.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s cni-bridge-daemon[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(log_level)
+    log.propagate = False
+    if os.geteuid() != 0:
+        log.warning("not running as root: only root may connect, and the calls will lack CAP_NET_ADMIN")
+    if options.request_timeout < requested_timeout:
+        log.warning("--request-timeout capped at %gs: a client gives up after %gs, and a call must end "
+                    "(or its worker be killed, %gs later) before that", options.request_timeout,
+                    wire.ANSWER_TIMEOUT, HARD_LIMIT_GRACE)
+    from .main import run_in_process
+
+    try:
+        return Daemon(options, run_in_process).run()
+    except DaemonError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def parse_options(argv: list[str]) -> Options:
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str]) -> tuple[Options, str, float]:
+    """Options, log level, and the --request-timeout asked for (before the cap)."""
     parser = argparse.ArgumentParser(
         prog="cni-bridge daemon",
         description="Serve cni-bridge CNI calls from a unix socket (run it in the host network namespace).")
@@ -99,23 +154,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                         help=f"worker processes, i.e. calls served at once (default {DEFAULT_WORKERS})")
     parser.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT,
-                        help=f"seconds a call may run before it fails with code 11 (default {REQUEST_TIMEOUT:g})")
+                        help=f"seconds a call may run before it fails with code 11 (default {REQUEST_TIMEOUT:g}, "
+                             f"at most {MAX_REQUEST_TIMEOUT:g})")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     args = parser.parse_args(argv)
     if args.workers < 1 or args.request_timeout <= 0:
         parser.error("--workers and --request-timeout must be positive")
-    logging.basicConfig(stream=sys.stderr, level=args.log_level,
-                        format="%(asctime)s cni-bridge-daemon[%(process)d] %(levelname)s %(message)s")
-    if os.geteuid() != 0:
-        log.warning("not running as root: only root may connect, and the calls will lack CAP_NET_ADMIN")
-    from .main import run_in_process
-
-    options = Options(socket_path=args.socket, workers=args.workers, request_timeout=args.request_timeout)
-    try:
-        return Daemon(options, run_in_process).run()
-    except DaemonError as exc:
-        log.error("%s", exc)
-        return 1
+    options = Options(socket_path=args.socket, workers=args.workers,
+                      request_timeout=min(args.request_timeout, MAX_REQUEST_TIMEOUT))
+    return options, args.log_level, args.request_timeout
 
 
 class DaemonError(Exception):
@@ -155,6 +202,7 @@ class Daemon:
         self.stopping = False
         self.wake_fds: tuple[int, ...] = ()
         self._spawn_times: list[float] = []
+        self.netns = wire.netns_id()   # the network namespace every call must be made in
 
     def run(self) -> int:
         # Warm up before the socket exists: until then plugins run in-process
@@ -201,6 +249,10 @@ class Daemon:
         st = os.stat(directory)
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise DaemonError(f"{directory} is writable by others; put the socket in a private directory")
+        if st.st_uid not in (0, os.geteuid()):
+            # Its owner could swap the socket for one of their own.
+            raise DaemonError(f"{directory} is owned by uid {st.st_uid}; put the socket in a directory "
+                              "owned by root")
         self._clear_stale(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)   # the socket is born 0600: no window where others may connect
@@ -345,7 +397,6 @@ class Worker:
         self.slot = slot
         self.listener = daemon.listener
         self.stopping = False
-        self.busy = False
 
     def run(self) -> int:
         """Runs in the forked child, with SIGTERM and SIGINT blocked on entry."""
@@ -359,7 +410,6 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # subprocess (iptables, IPAM plugins) reaps its own
-        signal.signal(signal.SIGALRM, self._on_alarm)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         if os.getppid() != parent:   # the supervisor died before the death signal was armed
             return 0
@@ -378,16 +428,17 @@ class Worker:
                 continue   # another worker took it
             served += 1
             self._serve(conn)
+            if wire.netns_id() != self.daemon.netns:
+                # A call left this process in another namespace (a bug): the
+                # next call would make host objects there. Start afresh.
+                log.error("worker %d is no longer in the daemon's network namespace; replacing it", os.getpid())
+                return 70
         if self.stopping:
             self._refuse_backlog()
         return 0
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True   # a call in flight finishes first
-
-    def _on_alarm(self, signum: int, frame: object) -> None:
-        if self.busy:
-            raise RequestTimeout(self.options.request_timeout)
 
     def _refuse_backlog(self) -> None:
         """Calls that connected before the socket was removed: tell them to run in-process."""
@@ -405,7 +456,6 @@ class Worker:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             conn.setblocking(True)
-            conn.settimeout(READ_TIMEOUT)
             try:
                 env, stdin = self._read_request(conn)
             except Refused as why:
@@ -414,14 +464,31 @@ class Worker:
             except (OSError, EOFError) as exc:
                 log.info("dropped a connection: %s", exc)
                 return
+            if _hung_up(conn):
+                log.warning("%s: the client hung up before the call started; not running it", _describe(env))
+                return
             started = time.monotonic()
-            answer = self._call(env, stdin)
-            conn.settimeout(READ_TIMEOUT)
+            answer = self._call(env, stdin, conn)
+            if _hung_up(conn):
+                self._abandoned(env, stdin, answer)
+                return
+            conn.settimeout(self.options.read_timeout)
             _send(conn, answer)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s cid=%s if=%s -> exit %d (%.1f ms)", env.get("CNI_COMMAND", "?"),
                           env.get("CNI_CONTAINERID", "-"), env.get("CNI_IFNAME", "-"), answer["exit"],
                           (time.monotonic() - started) * 1000)
+
+    def _abandoned(self, env: dict, stdin: bytes, answer: dict) -> None:
+        """The client went away during the call: nobody will read the answer."""
+        if env.get("CNI_COMMAND") == "ADD" and answer["exit"] == 0:
+            # The runtime never learnt of this attachment and has moved on; it
+            # must not outlive its caller (a DEL it already sent would be undone).
+            undo = self._call({**env, "CNI_COMMAND": "DEL"}, stdin, None)
+            log.warning("%s: the client hung up before the answer; undone with DEL (exit %d)",
+                        _describe(env), undo["exit"])
+        else:
+            log.warning("%s: the client hung up before the answer (exit %d)", _describe(env), answer["exit"])
 
     def _read_request(self, conn: socket.socket) -> tuple[dict, bytes]:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -429,32 +496,46 @@ class Worker:
         if uid not in self.options.allowed_uids:
             log.warning("refused a connection from pid %d uid %d", pid, uid)
             raise Refused(f"uid {uid} may not use this daemon")
-        size = int.from_bytes(wire.recv_exact(conn, 4), "big")
+        capability = self.options.required_capability
+        if capability is not None and not _has_capability(pid, capability):
+            # In-process the call would lack it too: let it fail there, the same way.
+            log.warning("refused a connection from pid %d without CAP_NET_ADMIN", pid)
+            raise Refused("the caller lacks CAP_NET_ADMIN")
+        deadline = time.monotonic() + self.options.read_timeout   # for the whole request, not per read
+        size = int.from_bytes(_recv_exact_by(conn, 4, deadline), "big")
         if size > self.options.max_request_bytes:
             raise Refused(f"request of {size} bytes exceeds the limit of {self.options.max_request_bytes}")
         try:
-            msg = json.loads(wire.recv_exact(conn, size))
+            msg = json.loads(_recv_exact_by(conn, size, deadline))
             env, stdin = msg["env"], binascii.a2b_base64(msg["stdin"])
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise Refused("malformed request") from None
         if msg.get("v") != wire.VERSION:   # a plugin from another release: let it run in-process
             raise Refused(f"protocol version {msg.get('v')!r} is not {wire.VERSION}")
+        netns = msg.get("netns")
+        if netns is not None and netns != self.daemon.netns:
+            raise Refused("the plugin runs in another network namespace than the daemon")
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise Refused("malformed request: env must map strings to strings")
         return {k: v for k, v in env.items() if k.startswith(wire.ENV_PREFIX)}, stdin
 
-    def _call(self, env: dict, stdin: bytes) -> dict:
+    def _call(self, env: dict, stdin: bytes, conn: Optional[socket.socket]) -> dict:
+        """Run one call; `conn` is the client's connection, watched for a hang-up (None: nobody waits)."""
         out, err = io.StringIO(), io.StringIO()
         root = logging.getLogger()
-        handlers, level = list(root.handlers), root.level
-        self.daemon._set_slot(self.slot, time.monotonic())
-        self.busy = True
-        signal.setitimer(signal.ITIMER_REAL, self.options.request_timeout)
+        handlers, level, last_resort = list(root.handlers), root.level, logging.lastResort
+        # Logging as in a process of its own: no handlers but the call's
+        # `logFile`, and warnings without one go to the call's stderr.
+        for handler in handlers:
+            root.removeHandler(handler)
+        logging.lastResort = logging.StreamHandler(err)
+        logging.lastResort.setLevel(logging.WARNING)
+        started = time.monotonic()
+        self.daemon._set_slot(self.slot, started)
+        faults.set_step_check(self._step_check(started + self.options.request_timeout, conn))
         try:
             code = self.daemon.execute(env, stdin, out, err)
-            self.busy = False   # finished: a late alarm must not turn it into a timeout
         except BaseException as exc:   # isolate anything the runner did not turn into a CNI error
-            signal.setitimer(signal.ITIMER_REAL, 0)
             if not isinstance(exc, CNIError):
                 log.exception("call crashed outside the runner")
                 exc = CNIError(Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
@@ -462,12 +543,29 @@ class Worker:
             _write_error(out, exc, stdin)
             err.write(f"{exc}\n")
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            self.busy = False
+            faults.set_step_check(None)
             self.daemon._set_slot(self.slot, 0.0)
             _restore_logging(root, handlers, level)
+            logging.lastResort = last_resort
             _disarm_faults()
         return {"v": wire.VERSION, "stdout": out.getvalue(), "stderr": err.getvalue(), "exit": code}
+
+    def _step_check(self, deadline: float, conn: Optional[socket.socket]) -> Callable[[str], None]:
+        """Stops an ADD between two steps (inside the rollback's reach) when it must not go on.
+
+        Only cni-bridge's own ADD steps: IPAM's run under the store lock and
+        DEL always finishes (it is idempotent, and half a DEL helps nobody).
+        """
+        limit = self.options.request_timeout
+
+        def check(step: str) -> None:
+            if not step.startswith("add."):
+                return
+            if time.monotonic() > deadline:
+                raise RequestTimeout(limit)
+            if conn is not None and _hung_up(conn):
+                raise ClientGone()
+        return check
 
 
 def _write_error(out: TextIO, error: CNIError, stdin: bytes) -> None:
@@ -479,12 +577,55 @@ def _write_error(out: TextIO, error: CNIError, stdin: bytes) -> None:
 
 
 def _restore_logging(root: logging.Logger, keep: list, level: int) -> None:
-    """A call that opened its `logFile` added a handler to the root logger: close it."""
+    """Close what a call's `logFile` opened (and forget it: the next call opens it again)."""
+    oplog = sys.modules.get("cni_bridge.oplog")
+    if oplog is not None:
+        oplog.close_logs()
     for handler in list(root.handlers):
-        if handler not in keep:
-            root.removeHandler(handler)
-            handler.close()
+        root.removeHandler(handler)
+        handler.close()
+    for handler in keep:
+        root.addHandler(handler)
     root.setLevel(level)
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """The client closed its end (it sends nothing after its request, so anything readable is EOF)."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN | select.POLLRDHUP)
+    return bool(poller.poll(0))
+
+
+def _recv_exact_by(conn: socket.socket, count: int, deadline: float) -> bytes:
+    chunks, left = [], count
+    while left:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        conn.settimeout(remaining)
+        chunk = conn.recv(min(left, 1 << 16))
+        if not chunk:
+            raise EOFError(f"connection closed with {left} of {count} bytes missing")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _has_capability(pid: int, capability: int) -> bool:
+    """Whether process `pid` holds `capability` in its effective set (pid 0: not visible from here)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> capability & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
+def _describe(env: dict) -> str:
+    return "{}({}/{})".format(env.get("CNI_COMMAND", "?"), env.get("CNI_CONTAINERID", "-"),
+                              env.get("CNI_IFNAME", "-"))
 
 
 def _disarm_faults() -> None:

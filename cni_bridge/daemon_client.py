@@ -8,14 +8,19 @@ answers, the exec'd process never pays for them.
 Wire format (both directions): a 4-byte big-endian length, then that many
 bytes of UTF-8 JSON.
 
-    request   {"v": 1, "env": {"CNI_COMMAND": ..., ...}, "stdin": "<base64 of stdin>"}
+    request   {"v": 1, "env": {"CNI_COMMAND": ..., ...}, "stdin": "<base64 of stdin>",
+               "netns": "<dev>:<inode> of the plugin's network namespace"}
     response  {"v": 1, "stdout": "...", "stderr": "...", "exit": 0}
           or  {"v": 1, "refused": "<reason>"}     (the daemon did not run the call)
 
 `forward()` says what happened, so the caller can fall back to in-process
 execution: UNAVAILABLE (nothing ran: no socket, refused, too big, ...) or LOST
-(the request was handed over but no answer came back: the daemon may have done
-part of it before it died).
+(the request was handed over and the daemon closed the connection without an
+answer: its worker died, part of the call may be done, none of it will go on).
+TIMED_OUT is the one case where the caller must not redo the call: no answer
+came within ANSWER_TIMEOUT and the daemon may still be running it. The client
+closes the connection (the daemon then stops or undoes the call) and reports
+CNI error 11, so the runtime retries through its own DEL/ADD.
 """
 from __future__ import annotations
 
@@ -32,12 +37,15 @@ ENV_PREFIX = "CNI_"               # the only environment a request carries
 MAX_REQUEST_BYTES = 1 << 20       # the daemon refuses anything larger
 MAX_RESPONSE_BYTES = 16 << 20
 CONNECT_TIMEOUT = 10.0            # connect + send; a full backlog means an overloaded daemon
-# Longer than the daemon's own hard limit (see daemon.HARD_LIMIT_GRACE), so the
-# daemon's answer (or its worker's death) normally comes first.
-ANSWER_TIMEOUT = 150.0
+# Below kubelet's default runtime-request-timeout (120 s), so the plugin answers
+# before the runtime gives up on it; above the daemon's own hard limit (its
+# --request-timeout is capped so), so the daemon's answer or its worker's death
+# comes first.
+ANSWER_TIMEOUT = 100.0
 REFUSAL_READ_TIMEOUT = 0.5       # a refusal is written before the close, so it is already there
 
-ANSWERED, UNAVAILABLE, LOST = "answered", "unavailable", "lost"
+ANSWERED, UNAVAILABLE, LOST, TIMED_OUT = "answered", "unavailable", "lost", "timed-out"
+NETNS_PATH = "/proc/thread-self/ns/net"
 
 
 class Reply:
@@ -74,12 +82,25 @@ def trusted_socket(path: str) -> bool:
     return (st.st_mode & 0o170000) == 0o140000 and st.st_uid in (0, os.geteuid())
 
 
+def netns_id() -> str | None:
+    """Identity of the calling thread's network namespace; the daemon runs calls only from its own."""
+    try:
+        st = os.stat(NETNS_PATH)
+    except OSError:
+        return None
+    return f"{st.st_dev}:{st.st_ino}"
+
+
 def encode_request(env: dict, stdin: bytes) -> bytes:
-    body = json.dumps({
+    request = {
         "v": VERSION,
         "env": {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)},
         "stdin": binascii.b2a_base64(stdin, newline=False).decode("ascii"),
-    }).encode()
+    }
+    netns = netns_id()
+    if netns is not None:
+        request["netns"] = netns
+    body = json.dumps(request).encode()
     return len(body).to_bytes(4, "big") + body
 
 
@@ -164,6 +185,8 @@ def forward(env, stdin: bytes, config: object = None) -> Reply:
         try:
             sock.settimeout(ANSWER_TIMEOUT)
             data = recv_frame(sock, MAX_RESPONSE_BYTES)
+        except TimeoutError:
+            return Reply(TIMED_OUT, reason=f"no answer within {ANSWER_TIMEOUT:g}s")
         except (OSError, EOFError, ValueError) as exc:
             return Reply(LOST, reason=f"no answer: {exc}")
         return decode_reply(data)

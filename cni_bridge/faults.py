@@ -11,13 +11,20 @@ atexit. That is the fault the store and the orchestration must survive.
 `POINTS` is the registry: every name used with `point()` is listed here with
 the verb that reaches it, so tests and the benchmark can iterate over all of
 them (a test checks the registry against the source).
+
+The same points are where the node daemon may stop a call cooperatively (its
+time limit, a client that hung up): `set_step_check()` installs a function
+called with each point's name, which may raise a CNIError. The points sit
+between steps, inside ADD's rollback, so a call stopped there unwinds cleanly;
+nothing is ever raised from inside a step (a signal could land between a
+setns into the pod and the way back).
 """
 from __future__ import annotations
 
 import os
 import signal
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 ENV_VAR = "CNI_BRIDGE_FAULT"
 
@@ -62,6 +69,7 @@ POINTS: tuple[Point, ...] = (
 NAMES = frozenset(p.name for p in POINTS)
 
 _armed: Optional[str] = None
+_step_check: Optional[Callable[[str], None]] = None
 
 
 def arm(name: Optional[str]) -> None:
@@ -70,6 +78,14 @@ def arm(name: Optional[str]) -> None:
     _armed = name or None
 
 
+def set_step_check(check: Optional[Callable[[str], None]]) -> None:
+    """Call `check(name)` at every point from now on (None: stop). Used by the node daemon."""
+    global _step_check
+    _step_check = check
+
+
 def point(name: str) -> None:
     if _armed is not None and name == _armed:
         os.kill(os.getpid(), signal.SIGKILL)
+    if _step_check is not None:
+        _step_check(name)

@@ -41,12 +41,23 @@ SUBCOMMANDS = {
 }
 
 
+def about(usage: str, subcommands: str) -> str:
+    """The text a person gets with CNI_COMMAND unset (like the reference plugins' skeleton, on stderr)."""
+    from .protocol.versions import SUPPORTED_VERSIONS
+
+    return (usage + f"\nCNI protocol versions supported: {', '.join(SUPPORTED_VERSIONS)}\n"
+            + f"Subcommands (CNI_COMMAND unset): {subcommands}\n")
+
+
 def main() -> int:
     if "CNI_COMMAND" not in os.environ:
         if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
             return SUBCOMMANDS[sys.argv[1]](sys.argv[2:])
-        sys.stderr.write(USAGE + "\nSubcommands (CNI_COMMAND unset): " + ", ".join(SUBCOMMANDS) + "\n")
-        return 0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2
+        sys.stderr.write(about(USAGE, ", ".join(SUBCOMMANDS)))
+        if len(sys.argv) > 1 and sys.argv[1] not in ("-h", "--help"):
+            sys.stderr.write(f"cni-bridge: unknown subcommand {sys.argv[1]!r}\n")
+            return 2
+        return 0
     env, stdin = os.environ, sys.stdin.buffer.read()
     # The static front end (packaging/shim) already asked the daemon and says how that went.
     asked = env.get(FRONT_END_ENV)
@@ -62,6 +73,8 @@ def main() -> int:
             sys.stderr.write(reply.stderr)
             sys.stdout.write(reply.stdout)
             return reply.exit
+        if reply.state == daemon_client.TIMED_OUT:
+            return _gave_up(stdin, reply.reason, sys.stdout)
         asked = reply.state
     if asked == "lost":
         env = _after_lost_call(env, stdin)
@@ -83,8 +96,22 @@ def run_in_process(env, stdin: bytes, stdout, stderr) -> int:
     return run_logged("cni-bridge", _load_plugin, env, stdin, stdout, BRIDGE_LOG_KEYS, stderr)
 
 
+def _gave_up(stdin: bytes, reason: str, stdout) -> int:
+    """The daemon may still be running the call: never redo it here, let the runtime retry."""
+    import json
+
+    from .protocol.errors import CNIError, Code
+    from .protocol.runner import guess_version
+
+    error = CNIError(Code.TRY_AGAIN_LATER, f"the cni-bridge daemon gave no answer: {reason}",
+                     "the daemon stops or undoes a call whose plugin has gone; retry the call")
+    json.dump(error.to_dict(guess_version(stdin)), stdout, indent=2)
+    stdout.write("\n")
+    return 1
+
+
 def _after_lost_call(env, stdin: bytes) -> dict:
-    """The daemon took the call and died before answering: prepare to redo it in-process.
+    """The daemon took the call and its worker died before answering: prepare to redo it in-process.
 
     DEL, CHECK, GC and STATUS are safe to repeat. An ADD may have been half done
     (an IP reserved, the container interface made), and a repeated ADD would fail

@@ -29,8 +29,10 @@ def main() -> int:
             from .cli import main as cli_main
 
             return cli_main(sys.argv[1:], sys.stdout, sys.stderr)
-        sys.stderr.write(USAGE)
-        return 0 if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help") else 2
+        from cni_bridge.main import about
+
+        sys.stderr.write(about(USAGE, "list, check, release, gc"))
+        return 0
     import gc
 
     gc.disable()   # one call per process: cycle collection during imports only costs time

@@ -4,6 +4,7 @@
 #
 # Usage: scripts/build_shim.sh [OUTPUT]     (default dist/shim/cni-bridge)
 # Rebuilds only when main.go is newer than OUTPUT (FORCE=1 to force).
+# SHIM_LDFLAGS adds linker flags (tests shorten the answer timeout with -X).
 #
 # The front end runs `cni-bridge-python` from its own folder when no daemon
 # answers; install it as cni-bridge with that name beside it (see README).
@@ -37,6 +38,6 @@ export GOCACHE
 cd "$src"
 tmp="$out.tmp.$$"
 GO111MODULE=off GOPATH=/nonexistent GOFLAGS= CGO_ENABLED=0 \
-    go build -trimpath -ldflags "-s -w" -o "$tmp" .
+    go build -trimpath -ldflags "-s -w ${SHIM_LDFLAGS:-}" -o "$tmp" .
 mv -f "$tmp" "$out"     # a runtime exec'ing the old file meanwhile never sees a half-written one
 echo "built $out"

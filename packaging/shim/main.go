@@ -8,11 +8,14 @@
 //
 //   - the call is answered by the daemon: print its stdout and stderr, exit
 //     with its status;
-//   - no daemon (no socket, not owned by root, refused, or it dropped the call):
-//     exec the Python implementation next to this file, cni-bridge-python, with
-//     the same arguments, environment and stdin, plus CNI_BRIDGE_FRONT_END
-//     telling it what happened so it neither asks the daemon again nor forgets
-//     to clean up after a lost ADD;
+//   - no daemon (no socket, not owned by root, refused, or its worker died
+//     with the call): exec the Python implementation next to this file,
+//     cni-bridge-python, with the same arguments, environment and stdin, plus
+//     CNI_BRIDGE_FRONT_END telling it what happened so it neither asks the
+//     daemon again nor forgets to clean up after a lost ADD;
+//   - no answer in time: the daemon may still be running the call, so never
+//     redo it; hang up (the daemon then stops or undoes it) and answer CNI
+//     error 11 so that the runtime retries;
 //   - not a CNI call (CNI_COMMAND unset: usage text, `agent`, `daemon`): exec
 //     the Python implementation at once.
 //
@@ -33,6 +36,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 )
 
 const (
@@ -43,7 +47,6 @@ const (
 	maxRequestBytes  = 1 << 20
 	maxResponseBytes = 16 << 20
 	connectTimeout   = 10 * time.Second
-	answerTimeout    = 150 * time.Second // longer than the daemon's own hard limit
 	refusalTimeout   = 500 * time.Millisecond
 	// FrontEndEnv tells the Python implementation why it runs in-process.
 	frontEndEnv = "CNI_BRIDGE_FRONT_END"
@@ -53,12 +56,18 @@ const (
 // implementation; empty means cni-bridge-python in this executable's folder.
 var fallbackPath = ""
 
+// How long to wait for the daemon's answer (daemon_client.ANSWER_TIMEOUT):
+// below kubelet's 120 s runtime-request-timeout, above the daemon's own hard
+// limit. A variable only so that a test build can shorten it with -X.
+var answerTimeout = "100s"
+
 type outcome int
 
 const (
 	answered    outcome = iota
 	unavailable         // the daemon cannot have run the call
-	lost                // the daemon took the call and gave no answer
+	lost                // the daemon took the call and its worker died without an answer
+	timedOut            // no answer in time: the daemon may still be running the call
 )
 
 type reply struct {
@@ -85,6 +94,10 @@ func main() {
 	}
 	if os.Getenv("CNI_BRIDGE_FRONT_END_DEBUG") != "" {
 		fmt.Fprintf(os.Stderr, "cni-bridge front end: in-process because %s\n", reason)
+	}
+	if state == timedOut {
+		answerError(stdin, 11, "the cni-bridge daemon gave no answer: "+reason,
+			"the daemon stops or undoes a call whose plugin has gone; retry the call")
 	}
 	if state == lost {
 		runPython(stdin, "lost")
@@ -122,18 +135,41 @@ func trustedSocket(path string) bool {
 	return ok && (st.Uid == 0 || int(st.Uid) == os.Geteuid())
 }
 
+// netnsID mirrors daemon_client.netns_id: the daemon serves only its own network namespace.
+func netnsID() (string, bool) {
+	info, err := os.Stat("/proc/self/ns/net")
+	if err != nil {
+		return "", false
+	}
+	st, ok := info.Sys().(*syscall.Stat_t)
+	if !ok {
+		return "", false
+	}
+	return fmt.Sprintf("%d:%d", st.Dev, st.Ino), true
+}
+
+var errNotUTF8 = errors.New("a CNI_ variable is not valid UTF-8")
+
 func encodeRequest(stdin []byte) ([]byte, error) {
 	env := map[string]string{}
 	for _, kv := range os.Environ() {
 		if k, v, ok := strings.Cut(kv, "="); ok && strings.HasPrefix(k, envPrefix) {
+			// JSON would replace the bad bytes: the call must see them as they are.
+			if !utf8.ValidString(k) || !utf8.ValidString(v) {
+				return nil, errNotUTF8
+			}
 			env[k] = v
 		}
 	}
-	body, err := json.Marshal(map[string]any{
+	request := map[string]any{
 		"v":     protocolVersion,
 		"env":   env,
 		"stdin": base64.StdEncoding.EncodeToString(stdin),
-	})
+	}
+	if id, ok := netnsID(); ok {
+		request["netns"] = id
+	}
+	body, err := json.Marshal(request)
 	if err != nil {
 		return nil, err
 	}
@@ -179,7 +215,10 @@ func forward(stdin []byte) (*reply, outcome, string) {
 		return nil, unavailable, path + " is not a socket owned by root"
 	}
 	frame, err := encodeRequest(stdin)
-	if err != nil || len(frame)-4 > maxRequestBytes {
+	if err != nil {
+		return nil, unavailable, err.Error()
+	}
+	if len(frame)-4 > maxRequestBytes {
 		return nil, unavailable, "request too large for the daemon"
 	}
 	conn, err := net.DialTimeout("unix", path, connectTimeout)
@@ -199,8 +238,15 @@ func forward(stdin []byte) (*reply, outcome, string) {
 		}
 		return nil, unavailable, "send: " + err.Error()
 	}
-	conn.SetDeadline(time.Now().Add(answerTimeout))
+	wait, err := time.ParseDuration(answerTimeout)
+	if err != nil {
+		wait = 100 * time.Second
+	}
+	conn.SetDeadline(time.Now().Add(wait))
 	body, err := readFrame(conn)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return nil, timedOut, "no answer within " + wait.String()
+	}
 	if err != nil {
 		return nil, lost, "no answer: " + err.Error()
 	}
@@ -211,11 +257,10 @@ func pythonPath() string {
 	if fallbackPath != "" {
 		return fallbackPath
 	}
-	self := os.Args[0]
-	if !strings.Contains(self, "/") {
-		if exe, err := os.Executable(); err == nil {
-			self = exe
-		}
+	// The executable's own path: argv[0] is whatever the caller chose to pass.
+	self, err := os.Executable()
+	if err != nil {
+		self = os.Args[0]
 	}
 	return filepath.Join(filepath.Dir(self), "cni-bridge-python")
 }
@@ -291,6 +336,11 @@ func runChild(target string, argv, env []string, stdin []byte) {
 
 // fail reports a broken installation the way a CNI runtime expects an error.
 func fail(msg string, stdin []byte) {
+	answerError(stdin, 999, msg, "the cni-bridge front end needs cni-bridge-python beside it")
+}
+
+// answerError prints a CNI error object in the config's version and exits 1.
+func answerError(stdin []byte, code int, msg, details string) {
 	version := "1.0.0"
 	var config struct {
 		CNIVersion string `json:"cniVersion"`
@@ -298,8 +348,7 @@ func fail(msg string, stdin []byte) {
 	if json.Unmarshal(stdin, &config) == nil && config.CNIVersion != "" {
 		version = config.CNIVersion
 	}
-	out, _ := json.Marshal(map[string]any{"cniVersion": version, "code": 999, "msg": msg,
-		"details": "the cni-bridge front end needs cni-bridge-python beside it"})
+	out, _ := json.Marshal(map[string]any{"cniVersion": version, "code": code, "msg": msg, "details": details})
 	os.Stdout.Write(append(out, '\n'))
 	os.Exit(1)
 }

@@ -29,8 +29,11 @@ def run_bare(cni_host: CniHost, *argv: str, env: dict | None = None) -> subproce
 
 
 def test_without_cni_command_the_python_program_answers(cni_host):
-    usage = run_bare(cni_host)
-    assert usage.returncode == 2 and "cni-bridge: CNI plugin" in usage.stderr and usage.stdout == ""
+    usage = run_bare(cni_host)   # like the reference plugins' skeleton: about text and versions, status 0
+    assert usage.returncode == 0 and "cni-bridge: CNI plugin" in usage.stderr and usage.stdout == ""
+    assert "CNI protocol versions supported: 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0" in usage.stderr
+    typo = run_bare(cni_host, "deamon")
+    assert typo.returncode == 2 and "unknown subcommand 'deamon'" in typo.stderr
     helped = run_bare(cni_host, "--help")
     assert helped.returncode == 0 and "Subcommands" in helped.stderr
     agent = run_bare(cni_host, "agent", "--help")

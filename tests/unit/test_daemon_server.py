@@ -7,6 +7,7 @@ picked by the container ID, so one daemon can crash, hang and answer in turn.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from cni_bridge import daemon_client as wire
+from cni_bridge import faults
 from cni_bridge.daemon import Daemon, DaemonError, Options
 from cni_bridge.protocol.errors import CNIError, Code
 from cni_bridge.protocol.result import Result
@@ -27,11 +29,28 @@ from tests.support.waiting import unix_socket_listening, wait_for
 WAIT = 30.0   # bound for waiting on a state change; never asserted as a duration
 
 
+def _touch(req, suffix: str = "") -> None:
+    marker = req.config.get("marker")
+    if marker:
+        Path(marker + suffix).touch()
+
+
 class FakePlugin:
-    """ADD behaves according to the container ID; DEL succeeds."""
+    """ADD behaves according to the container ID; DEL succeeds (and leaves a marker when asked)."""
 
     def add(self, req):
         cid = req.cmd.container_id
+        if cid == "steps":         # a long call that passes a step point every 50 ms
+            for _ in range(1200):
+                time.sleep(0.05)
+                faults.point("add.bridge-ready")
+        if cid == "critical":      # a long step with no step point inside: nothing may interrupt it
+            _touch(req, ".start")
+            time.sleep(2.0)
+            _touch(req, ".end")
+            faults.point("add.result-ready")
+        if cid == "warn":
+            logging.getLogger("cni_bridge.plugin").warning("careful with %s", cid)
         if cid == "boom":
             raise RuntimeError("kaboom")
         if cid == "die":
@@ -44,19 +63,33 @@ class FakePlugin:
             deadline = time.monotonic() + WAIT
             while not gate.exists() and time.monotonic() < deadline:
                 time.sleep(0.01)
+            if req.config.get("step"):
+                faults.point("add.veth-created")
         if cid == "cnierr":
             raise CNIError(Code.INVALID_CONFIG, "fake config problem", "details here")
+        _touch(req)
         return Result()
 
     def delete(self, req):
+        _touch(req, ".del")
+
+    def check(self, req):
         return None
 
-    check = gc = status = delete
+    gc = status = check
 
 
 def fake_execute(env, stdin, stdout, stderr) -> int:
     if env.get("CNI_CONTAINERID") == "env":
         stdout.write(json.dumps(sorted(env)))
+        return 0
+    if env.get("CNI_CONTAINERID") == "whereami":
+        stdout.write(str(os.stat("/proc/thread-self/ns/net").st_ino))
+        return 0
+    if env.get("CNI_CONTAINERID") == "stray":   # a call that leaves the worker in another netns
+        import ctypes
+
+        assert ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0
         return 0
     if env.get("CNI_CONTAINERID") == "sysexit":
         raise SystemExit("outside the runner")
@@ -88,7 +121,7 @@ class Handle:
 def start_daemon(tmp_path):
     started: list[int] = []
 
-    def start(**overrides) -> Handle:
+    def start(execute=fake_execute, **overrides) -> Handle:
         path = tmp_path / "run" / "daemon.sock"
         settings = dict(socket_path=str(path), workers=2, allowed_uids=frozenset({os.geteuid()}))
         settings.update(overrides)
@@ -98,7 +131,7 @@ def start_daemon(tmp_path):
             code = 1
             try:
                 os.setsid()
-                code = Daemon(options, fake_execute, prepare=lambda: None).run()
+                code = Daemon(options, execute, prepare=lambda: None).run()
             finally:
                 os._exit(code)
         started.append(pid)
@@ -164,7 +197,7 @@ def test_a_dying_worker_is_replaced_and_the_call_reported_lost(start_daemon):
 
 def test_time_limit_gives_code_11(start_daemon):
     daemon = start_daemon(request_timeout=1.0)
-    reply = daemon.call("slow")
+    reply = daemon.call("steps")
     assert reply.state == wire.ANSWERED and reply.exit == 1
     err = json.loads(reply.stdout)
     assert err["code"] == 11 and "time limit" in err["msg"]
