@@ -95,8 +95,17 @@ def topology_mode(args: argparse.Namespace) -> int:
 
     options = options_from(args)
     while True:
-        topology = parse_topology(_read(args.topology), args.topology)
-        state = desired_state(topology, args.node, options)
+        try:
+            topology = parse_topology(_read(args.topology), args.topology)
+            state = desired_state(topology, args.node, options)
+        except AgentError as err:
+            if args.once:
+                raise
+            # Most likely a file caught mid-write (an editor, `cat > file`) or a bad edit: the
+            # node keeps what the last good file gave it, and the next resync reads again.
+            log.error("%s; changing nothing, reading it again in %gs", err, args.resync)
+            time.sleep(args.resync)
+            continue
         changes = apply(state, args.conf_dir)
         for error in changes.errors:
             log.error("%s", error)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,11 @@ class AgentNode:
         nodes += [{"name": n, "internalIP": ip, "podCIDR": cidr} for n, ip, cidr in peers]
         self.topology.write_text(json.dumps({"clusterCIDR": cluster, "nodes": nodes}))
 
+    def start_agent(self, resync: float) -> subprocess.Popen:
+        """The agent's resync loop (no --once); the caller stops it with stop_agent."""
+        return subprocess.Popen(["ip", "netns", "exec", self.ns.name, *self.argv("--resync", str(resync))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_clean_env())
+
     def conflist(self) -> dict:
         return json.loads((self.conf_dir / "10-cni-bridge.conflist").read_text())
 
@@ -62,12 +68,41 @@ class AgentNode:
         assert res.rc == 0, res.stdout + res.stderr
         return res.json
 
+    def snapshot_without_bridge(self) -> tuple:
+        """conflist, routes and nat rules (the agent's, before any pod made the bridge)."""
+        path = self.conf_dir / "10-cni-bridge.conflist"
+        return (path.read_bytes(), path.stat().st_ino,
+                self.ns.exec("ip", "-4", "route", "show", "table", "all").stdout,
+                self.ns.exec("iptables", "-w", "-t", "nat", "-S").stdout)
+
     def snapshot(self) -> tuple:
         path = self.conf_dir / "10-cni-bridge.conflist"
         return (path.read_bytes(), path.stat().st_ino,
                 self.ns.exec("ip", "-4", "route", "show", "table", "all").stdout,
                 self.ns.exec("ip", "addr", "show", "dev", self.bridge).stdout,
                 self.ns.exec("iptables", "-w", "-t", "nat", "-S").stdout)
+
+
+def stop_agent(proc: subprocess.Popen) -> str:
+    """Stop it (if it still runs) and return its stderr."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
+def eventually(check, what: str, proc: subprocess.Popen, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc.poll() is not None:
+            pytest.fail(f"the agent exited ({proc.returncode}) waiting for {what}: {stop_agent(proc)}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -128,3 +163,35 @@ def test_previously_written_pod_cidr_outside_the_new_cluster_cidr_is_removed_too
     res = node.agent_once()
     assert res.returncode == 0, res.stderr
     assert node.bridge_addresses() == ["10.245.3.1/24", "10.99.0.1/24"]
+
+
+def test_resync_loop_keeps_the_node_as_it_is_while_the_file_is_half_written(agent_node):
+    node = agent_node
+    node.write_topology("10.244.1.0/24")
+    proc = node.start_agent(resync=0.2)
+    try:
+        routes = lambda: node.ns.exec("ip", "-4", "route", "show", "proto", "157").stdout  # noqa: E731
+        eventually(lambda: "10.244.2.0/24 via 10.251.0.2" in routes(), "the first pass", proc)
+        before = node.snapshot_without_bridge()
+
+        full = node.topology.read_text()
+        for half in ("", full[:len(full) // 2]):       # `cat > file` and an editor caught mid-write
+            node.topology.write_text(half)
+            time.sleep(1.0)                             # several resyncs
+            assert proc.poll() is None, f"the agent exited ({proc.returncode}): {stop_agent(proc)}"
+            assert node.snapshot_without_bridge() == before
+
+        node.write_topology("10.244.1.0/24", peers=(("n2", "10.251.0.9", "10.244.2.0/24"),))
+        eventually(lambda: "10.244.2.0/24 via 10.251.0.9" in routes(), "the repaired file followed", proc)
+    finally:
+        err = stop_agent(proc)
+    assert "is empty" in err and "is not valid JSON" in err and "Traceback" not in err
+
+
+def test_once_with_a_half_written_file_fails_before_changing_anything(agent_node):
+    node = agent_node
+    node.topology.write_text('{"clusterCIDR": "10.244.0.0/16", "nodes": [{"na')
+    res = node.agent_once()
+    assert res.returncode == 1
+    assert res.stderr.startswith(f"cni-bridge agent: error: {node.topology} is not valid JSON")
+    assert "Traceback" not in res.stderr and not node.conf_dir.exists()

@@ -88,3 +88,71 @@ def test_sync_bridge_reports_a_refused_address_change_and_keeps_going():
     assert changes.errors == ["cannot remove 10.244.1.1/24 from cni0: "
                               "the kernel refused to remove the address: Operation not permitted"]
     assert changes.addresses_added == ["10.244.7.1/24"]
+
+
+# -- defect 2: a half-written topology file ends the resync loop ---------------------------------
+GOOD = json.dumps({"clusterCIDR": "10.244.0.0/16", "nodes": [
+    {"name": "n1", "internalIP": "172.18.0.2", "podCIDR": "10.244.1.0/24"},
+    {"name": "n2", "internalIP": "172.18.0.3", "podCIDR": "10.244.2.0/24"}]})
+
+
+class Stop(Exception):
+    pass
+
+
+def run_loop(monkeypatch, tmp_path, contents):
+    """topology_mode without --once over successive file contents (one per resync); the
+    desired states it applied, in order, and the run's end (Stop once the contents run out)."""
+    from cni_bridge.agent import apply as apply_module
+    from cni_bridge.agent import cli
+
+    topo = tmp_path / "topology.json"
+    pending = list(contents)
+    applied = []
+
+    def next_round(seconds):
+        assert seconds == 5
+        if not pending:
+            raise Stop
+        topo.write_text(pending.pop(0))
+
+    monkeypatch.setattr(apply_module, "apply", lambda state, conf_dir: applied.append(state) or Changes())
+    monkeypatch.setattr(cli.time, "sleep", next_round)
+    topo.write_text(pending.pop(0))
+    args = cli.build_parser().parse_args(["--node", "n1", "--topology", str(topo), "--resync", "5"])
+    try:
+        cli.topology_mode(args)
+    except Stop:
+        return applied, "stopped"
+    return applied, "returned"
+
+
+def test_resync_loop_survives_half_written_files_and_keeps_the_last_state(monkeypatch, tmp_path, caplog):
+    moved = GOOD.replace("10.244.2.0/24", "10.244.3.0/24")
+    applied, end = run_loop(monkeypatch, tmp_path, [GOOD, "", GOOD[:40], "  \n", moved])
+    assert end == "stopped"                       # the loop never gave up
+    # Nothing applied while the file was bad (the node keeps what it has); the edit is followed.
+    assert [[str(r.dst) for r in s.routes] for s in applied] == [["10.244.2.0/24"], ["10.244.3.0/24"]]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 3
+    assert "is empty" in errors[0] and "is not valid JSON" in errors[1] and "reading it again in 5s" in errors[0]
+
+
+def test_resync_loop_waits_when_the_node_is_missing_from_an_edited_file(monkeypatch, tmp_path, caplog):
+    only_n2 = json.dumps({"clusterCIDR": "10.244.0.0/16", "nodes": [
+        {"name": "n2", "internalIP": "172.18.0.3", "podCIDR": "10.244.2.0/24"}]})
+    applied, end = run_loop(monkeypatch, tmp_path, [GOOD, only_n2, GOOD])
+    assert end == "stopped" and len(applied) == 2
+    assert any("node 'n1' is not in the topology" in r.getMessage() for r in caplog.records)
+
+
+def test_once_with_an_empty_file_is_a_clear_error(tmp_path, capsys):
+    from cni_bridge.agent.cli import main
+
+    topo = tmp_path / "topology.json"
+    topo.write_text("")
+    rc = main(["--node", "n1", "--topology", str(topo), "--once", "--conf-dir", str(tmp_path / "net.d")])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.strip() == f"cni-bridge agent: error: {topo} is empty"
+    assert not (tmp_path / "net.d").exists()
