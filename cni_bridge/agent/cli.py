@@ -127,7 +127,11 @@ def kubernetes_mode(args: argparse.Namespace, once: bool = False) -> int:
     agent = kube.NodeAgent(args.node, cluster, options_from(args), args.conf_dir)
     api, watch_module = kube.load_client(args.kubeconfig)
     if once:
-        agent.replace_all(api.list_node(_request_timeout=30).items)
+        try:
+            nodes = api.list_node(_request_timeout=30).items
+        except Exception as exc:  # the API's answer, not a bug here: no "internal error", no headers
+            raise AgentError(f"cannot list Nodes from the Kubernetes API: {kube.api_error(exc)}") from None
+        agent.replace_all(nodes)
         changes = agent.sync()
         if changes is None:
             raise AgentError(f"node {args.node!r} is not ready for the agent (see the warning above)")

@@ -195,3 +195,51 @@ def test_once_with_a_half_written_file_fails_before_changing_anything(agent_node
     assert res.returncode == 1
     assert res.stderr.startswith(f"cni-bridge agent: error: {node.topology} is not valid JSON")
     assert "Traceback" not in res.stderr and not node.conf_dir.exists()
+
+
+# An API server that refuses everything, as one without the agent's RBAC does.
+FORBIDDING_API = """
+import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args): pass
+    def do_GET(self):
+        body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+                           "code": 403, "message": "nodes is forbidden: cannot list resource nodes"}).encode()
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+s = ThreadingHTTPServer(("127.0.0.1", 0), H)
+print("ready", s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+def test_kubernetes_once_reports_a_refused_list_in_one_line(make_netns, tmp_path):
+    pytest.importorskip("kubernetes", reason="Kubernetes mode needs the kubernetes client (pip install '.[agent]')")
+    ns = make_netns("kf")
+    api = subprocess.Popen(["ip", "netns", "exec", ns.name, str(VENV_BIN / "python"), "-c", FORBIDDING_API],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = api.stdout.readline().split()
+        assert line[:1] == ["ready"], api.stderr.read()
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "f",
+            "clusters": [{"name": "f", "cluster": {"server": f"http://127.0.0.1:{line[1]}"}}],
+            "users": [{"name": "f", "user": {"token": "not-checked"}}],
+            "contexts": [{"name": "f", "context": {"cluster": "f", "user": "f"}}],
+        }))
+        res = ns.exec(str(AGENT), "agent", "--node", "n1", "--cluster-cidr", CLUSTER_CIDR, "--once",
+                      "--kubeconfig", str(kubeconfig), "--conf-dir", str(tmp_path / "net.d"),
+                      check=False, env={k: v for k, v in _clean_env().items() if not k.startswith("KUBE")})
+    finally:
+        api.kill()
+        api.communicate()
+    assert res.returncode == 1
+    assert res.stderr == ("cni-bridge agent: error: cannot list Nodes from the Kubernetes API: "
+                          "HTTP 403 Forbidden: nodes is forbidden: cannot list resource nodes\n")
+    assert not (tmp_path / "net.d").exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import ipaddress
 import json
 
+import pytest
+
 from cni_bridge.agent.apply import Changes, sync_bridge
 from cni_bridge.agent.desired import AgentOptions, conflist, desired_state, written_pod_cidrs
 from cni_bridge.agent.diff import diff_addresses
@@ -156,3 +158,67 @@ def test_once_with_an_empty_file_is_a_clear_error(tmp_path, capsys):
     assert rc == 1
     assert err.strip() == f"cni-bridge agent: error: {topo} is empty"
     assert not (tmp_path / "net.d").exists()
+
+
+# -- nearby: Kubernetes API errors are one clear line, not an "internal error" with headers -------
+FORBIDDEN_BODY = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+                             "code": 403, "message": 'nodes is forbidden: User "system:serviceaccount:x:y" '
+                                                     'cannot list resource "nodes"'})
+
+
+def forbidden():
+    """What the official client raises for a 403 (built the way it builds it from the response)."""
+    from types import SimpleNamespace
+
+    rest = pytest.importorskip("kubernetes.client.rest")
+    resp = SimpleNamespace(status=403, reason="Forbidden", data=FORBIDDEN_BODY.encode(),
+                           headers={"Content-Type": "application/json", "Audit-Id": "0f2c"})
+    return rest.ApiException(http_resp=resp)
+
+
+class FailingApi:
+    def __init__(self, exc):
+        self.exc = exc
+        self.calls = 0
+
+    def list_node(self, **kwargs):
+        self.calls += 1
+        raise self.exc
+
+
+def test_once_in_kubernetes_mode_reports_an_api_error_in_one_line(monkeypatch, tmp_path, capsys):
+    from cni_bridge.agent import kube
+    from cni_bridge.agent.cli import main
+
+    monkeypatch.setattr(kube, "load_client", lambda kubeconfig: (FailingApi(forbidden()), None))
+    rc = main(["--node", "n1", "--cluster-cidr", "10.244.0.0/16", "--once", "--conf-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err == ('cni-bridge agent: error: cannot list Nodes from the Kubernetes API: HTTP 403 Forbidden: '
+                   'nodes is forbidden: User "system:serviceaccount:x:y" cannot list resource "nodes"\n')
+
+
+def test_the_watch_loop_logs_api_errors_in_one_line_and_backs_off(monkeypatch, caplog):
+    from cni_bridge.agent import kube
+
+    sleeps = []
+    monkeypatch.setattr(kube.time, "sleep", sleeps.append)
+    agent = kube.NodeAgent("n1", (N("10.244.0.0/16"),), AgentOptions(), "/conf", apply_fn=None)
+    api = FailingApi(forbidden())
+    kube.run(agent, api, None, resync=60, should_stop=lambda: api.calls >= 3)
+    assert sleeps == [1.0, 2.0, 4.0]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings[0] == ('Kubernetes API: HTTP 403 Forbidden: nodes is forbidden: User '
+                           '"system:serviceaccount:x:y" cannot list resource "nodes"; retrying in 1s')
+    assert all("\n" not in w and "Audit-Id" not in w for w in warnings)
+
+
+def test_api_errors_without_a_status_body_keep_their_type_and_first_line():
+    from cni_bridge.agent import kube
+
+    rest = pytest.importorskip("kubernetes.client.rest")
+    # a watch ERROR event, which the client turns into an ApiException without a body
+    assert kube.api_error(rest.ApiException(status=410, reason="Expired: too old resource version")) \
+        == "HTTP 410 Expired: too old resource version"
+    assert kube.api_error(ConnectionResetError(104, "Connection reset by peer")) \
+        == "ConnectionResetError: [Errno 104] Connection reset by peer"
