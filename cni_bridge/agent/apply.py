@@ -1,4 +1,4 @@
-"""Make the node hold the desired state: conflist file, peer routes, masquerade chain.
+"""Make the node hold the desired state: conflist file, bridge gateway, peer routes, masquerade chain.
 
 Each step reads what is there first and changes only what differs, so a
 second pass with the same topology writes nothing and runs no iptables
@@ -16,9 +16,10 @@ from typing import Any, Callable, Optional
 
 from .. import sysctl
 from ..protocol.errors import CNIError
-from .desired import CONFLIST_NAME, MASQ_CHAIN, ROUTE_PROTO, DesiredState
-from .diff import RouteState, diff_routes, masq_restore_script, masq_teardown_script, parse_nat_rules
-from .topology import AgentError
+from .desired import CONFLIST_NAME, MASQ_CHAIN, ROUTE_PROTO, DesiredState, written_pod_cidrs
+from .diff import (RouteState, diff_addresses, diff_routes, masq_restore_script, masq_teardown_script,
+                   parse_nat_rules)
+from .topology import AgentError, IPNetwork
 
 log = logging.getLogger("cni_bridge.agent")
 
@@ -29,6 +30,8 @@ _WAIT = "10"
 @dataclass
 class Changes:
     conflist_written: bool = False
+    addresses_added: list[str] = field(default_factory=list)
+    addresses_removed: list[str] = field(default_factory=list)
     routes_replaced: list[str] = field(default_factory=list)
     routes_deleted: list[str] = field(default_factory=list)
     masq_synced: list[int] = field(default_factory=list)     # families whose chain was rewritten or removed
@@ -36,7 +39,8 @@ class Changes:
 
     @property
     def any(self) -> bool:
-        return bool(self.conflist_written or self.routes_replaced or self.routes_deleted or self.masq_synced)
+        return bool(self.conflist_written or self.addresses_added or self.addresses_removed
+                    or self.routes_replaced or self.routes_deleted or self.masq_synced)
 
     def summary(self) -> str:
         failed = f" ({len(self.errors)} failed)" if self.errors else ""
@@ -45,6 +49,10 @@ class Changes:
         parts = []
         if self.conflist_written:
             parts.append("conflist written")
+        if self.addresses_removed:
+            parts.append("bridge addresses removed: " + ", ".join(self.addresses_removed))
+        if self.addresses_added:
+            parts.append("bridge addresses set: " + ", ".join(self.addresses_added))
         if self.routes_replaced:
             parts.append("routes set: " + ", ".join(self.routes_replaced))
         if self.routes_deleted:
@@ -70,10 +78,18 @@ def apply(state: DesiredState, conf_dir: str,
         sysctl.enable_forwarding(state.forwarding)
     except CNIError as err:
         changes.errors.append(err.msg)
+    # Read before it is overwritten: the podCIDRs written last time own the bridge addresses
+    # to remove, even when the cluster CIDR moved with them.
+    previous = previous_pod_cidrs(conf_dir)
     try:
         changes.conflist_written = write_conflist(conf_dir, state.conflist_bytes())
     except OSError as exc:
         changes.errors.append(f"cannot write {os.path.join(conf_dir, CONFLIST_NAME)}: {exc.strerror or exc}")
+    try:
+        # Before the routes: a peer may now own the old podCIDR, whose connected route goes with the address.
+        sync_bridge(state, previous, netlink_factory, changes)
+    except CNIError as err:
+        changes.errors.append(str(err))
     try:
         sync_routes(state, netlink_factory, changes)
     except CNIError as err:
@@ -119,6 +135,47 @@ def write_conflist(conf_dir: str, content: bytes, name: str = CONFLIST_NAME) -> 
     return True
 
 
+def previous_pod_cidrs(conf_dir: str) -> tuple[IPNetwork, ...]:
+    try:
+        with open(os.path.join(conf_dir, CONFLIST_NAME), "rb") as f:
+            return written_pod_cidrs(f.read())
+    except OSError:
+        return ()
+
+
+# -- bridge ---------------------------------------------------------------------------
+def sync_bridge(state: DesiredState, previous: tuple[IPNetwork, ...],
+                netlink_factory: Callable[[], Any], changes: Changes) -> None:
+    """The bridge holds the gateway of each own podCIDR and no stale one of the agent's.
+
+    The plugin adds a gateway at ADD but never removes one of another subnet, so
+    after a podCIDR change only the agent knows the old one is stale.
+    """
+    with netlink_factory() as nl:
+        try:
+            if nl.link(state.bridge) is None:
+                return  # no pod yet: the plugin makes the bridge, with its gateway, at the first ADD
+            current = nl.addresses(state.bridge)
+        except Exception as exc:
+            changes.errors.append(f"cannot read the addresses of {state.bridge}: {_reason(exc)}")
+            return
+        plan = diff_addresses(current, state.gateways, state.cluster_cidrs + previous)
+        for stale in plan.delete:
+            try:
+                nl.del_address(state.bridge, stale)
+            except Exception as exc:
+                changes.errors.append(f"cannot remove {stale} from {state.bridge}: {_reason(exc)}")
+                continue
+            changes.addresses_removed.append(str(stale))
+        for gateway in plan.add:
+            try:
+                nl.add_address(state.bridge, gateway)
+            except Exception as exc:
+                changes.errors.append(f"cannot add {gateway} to {state.bridge}: {_reason(exc)}")
+                continue
+            changes.addresses_added.append(str(gateway))
+
+
 # -- routes -----------------------------------------------------------------------------
 def sync_routes(state: DesiredState, netlink_factory: Callable[[], Any], changes: Changes) -> None:
     with netlink_factory() as nl:
@@ -148,6 +205,8 @@ def sync_routes(state: DesiredState, netlink_factory: Callable[[], Any], changes
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, CNIError):  # its code is a CNI code, not an errno
+        return str(exc)
     code = getattr(exc, "code", None) or getattr(exc, "errno", None)
     if isinstance(code, int) and code > 0:
         return os.strerror(code)

@@ -95,8 +95,17 @@ def topology_mode(args: argparse.Namespace) -> int:
 
     options = options_from(args)
     while True:
-        topology = parse_topology(_read(args.topology), args.topology)
-        state = desired_state(topology, args.node, options)
+        try:
+            topology = parse_topology(_read(args.topology), args.topology)
+            state = desired_state(topology, args.node, options)
+        except AgentError as err:
+            if args.once:
+                raise
+            # Most likely a file caught mid-write (an editor, `cat > file`) or a bad edit: the
+            # node keeps what the last good file gave it, and the next resync reads again.
+            log.error("%s; changing nothing, reading it again in %gs", err, args.resync)
+            time.sleep(args.resync)
+            continue
         changes = apply(state, args.conf_dir)
         for error in changes.errors:
             log.error("%s", error)
@@ -118,7 +127,11 @@ def kubernetes_mode(args: argparse.Namespace, once: bool = False) -> int:
     agent = kube.NodeAgent(args.node, cluster, options_from(args), args.conf_dir)
     api, watch_module = kube.load_client(args.kubeconfig)
     if once:
-        agent.replace_all(api.list_node(_request_timeout=30).items)
+        try:
+            nodes = api.list_node(_request_timeout=30).items
+        except Exception as exc:  # the API's answer, not a bug here: no "internal error", no headers
+            raise AgentError(f"cannot list Nodes from the Kubernetes API: {kube.api_error(exc)}") from None
+        agent.replace_all(nodes)
         changes = agent.sync()
         if changes is None:
             raise AgentError(f"node {args.node!r} is not ready for the agent (see the warning above)")

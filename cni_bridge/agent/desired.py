@@ -3,15 +3,19 @@
 - the conflist the runtime reads (cni-bridge + cni-ipam for the node's podCIDRs, portmap);
 - a route `<podCIDR> via <InternalIP>` per podCIDR of every other node;
 - one nat chain per IP family that RETURNs for the cluster CIDR and
-  MASQUERADEs the rest, jumped to from POSTROUTING for the node's podCIDRs.
+  MASQUERADEs the rest, jumped to from POSTROUTING for the node's podCIDRs;
+- on the bridge, the gateway of each own podCIDR and no other address of the cluster.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .topology import AgentError, IPAddress, IPNetwork, Node, Topology
+
+IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 
 CONFLIST_NAME = "10-cni-bridge.conflist"
 MASQ_CHAIN = "CNI-BRIDGE-MASQ"
@@ -61,6 +65,9 @@ class DesiredState:
     masq: tuple[MasqChain, ...]
     forwarding: tuple[int, ...]
     notes: tuple[str, ...] = ()              # things skipped, worth a log line
+    bridge: str = AgentOptions.bridge
+    gateways: tuple[IPInterface, ...] = ()   # the bridge's addresses, one per own podCIDR
+    cluster_cidrs: tuple[IPNetwork, ...] = ()
 
     def conflist_bytes(self) -> bytes:
         return (json.dumps(self.conflist, indent=2) + "\n").encode()
@@ -79,6 +86,9 @@ def desired_state(topology: Topology, node_name: str, options: AgentOptions = Ag
         masq=masq_chains(topology.cluster_cidrs, node.pod_cidrs),
         forwarding=families,
         notes=notes,
+        bridge=options.bridge,
+        gateways=gateway_addresses(node.pod_cidrs),
+        cluster_cidrs=topology.cluster_cidrs,
     )
 
 
@@ -108,6 +118,27 @@ def conflist(node: Node, options: AgentOptions) -> dict:
     if options.portmap:
         plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
     return {"cniVersion": options.cni_version, "name": options.network_name, "plugins": plugins}
+
+
+def gateway_addresses(pod_cidrs: tuple[IPNetwork, ...]) -> tuple[IPInterface, ...]:
+    """What the plugin puts on the bridge: cni-ipam's default gateway (the range's first
+    address; the conflist sets no `gateway`) with the podCIDR's prefix length."""
+    return tuple(ipaddress.ip_interface(f"{cidr[1]}/{cidr.prefixlen}") for cidr in pod_cidrs)
+
+
+def written_pod_cidrs(content: bytes) -> tuple[IPNetwork, ...]:
+    """The podCIDRs of a conflist the agent wrote earlier (its cni-ipam subnets); () for
+    anything else. After a podCIDR change they tell which bridge addresses were the agent's."""
+    try:
+        data = json.loads(content)
+        cidrs = []
+        for plugin in data["plugins"]:
+            if isinstance(plugin, dict) and plugin.get("type") == "cni-bridge":
+                for range_set in plugin["ipam"]["ranges"]:
+                    cidrs += [ipaddress.ip_network(r["subnet"], strict=False) for r in range_set]
+        return tuple(cidrs)
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ()
 
 
 def peer_routes(topology: Topology, own: Node) -> tuple[tuple[PeerRoute, ...], tuple[str, ...]]:

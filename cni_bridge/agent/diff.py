@@ -1,6 +1,6 @@
 """From (what the kernel holds, what it should hold) to the changes to make. Pure.
 
-Both diffs return nothing to do when the two agree, which is what makes a
+All diffs return nothing to do when the two agree, which is what makes a
 second agent pass change nothing at all.
 """
 from __future__ import annotations
@@ -9,7 +9,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
-from .desired import MasqChain, PeerRoute
+from .desired import IPInterface, MasqChain, PeerRoute
+from .topology import IPNetwork
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,32 @@ def diff_routes(current: Iterable[RouteState], desired: Sequence[PeerRoute], pro
     for route in current:
         if route.proto == proto and route.dst not in wanted:
             plan.delete.append(route)
+    return plan
+
+
+# -- bridge addresses ---------------------------------------------------------------------
+@dataclass
+class AddressPlan:
+    delete: list[IPInterface] = field(default_factory=list)   # ours, no longer wanted
+    add: list[IPInterface] = field(default_factory=list)
+
+
+def diff_addresses(current: Iterable[IPInterface], desired: Sequence[IPInterface],
+                   managed: Iterable[IPNetwork]) -> AddressPlan:
+    """Converge the bridge's gateway addresses.
+
+    Only addresses inside `managed` (the cluster CIDRs and the podCIDRs the agent
+    wrote before) are the agent's to remove: whatever else an operator put on the
+    bridge stays. Stale ones go first, so no old gateway outlives the change.
+    """
+    current = list(current)
+    managed = list(managed)
+    plan = AddressPlan()
+    for address in current:
+        if address not in desired and any(address.version == net.version and address.ip in net
+                                          for net in managed):
+            plan.delete.append(address)
+    plan.add = [address for address in desired if address not in current]
     return plan
 
 

@@ -8,6 +8,7 @@ only here, and only in this mode.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -105,6 +106,21 @@ def load_client(kubeconfig: Optional[str]) -> tuple[Any, Any]:
     return client.CoreV1Api(), watch
 
 
+def api_error(exc: BaseException) -> str:
+    """One line for a failed API call. The client's ApiException prints status, reason,
+    every response header and the body over several lines; the Status body's message says it all."""
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        text = " ".join(part for part in (f"HTTP {status}", getattr(exc, "reason", None) or "") if part)
+        try:
+            message = json.loads(getattr(exc, "body", None) or "").get("message")
+        except (ValueError, TypeError, AttributeError):
+            message = None
+        return f"{text}: {message}" if message else text
+    first = (str(exc).splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def run(agent: NodeAgent, api: Any, watch_module: Any, resync: float,
         should_stop: Callable[[], bool] = lambda: False) -> None:
     """List + apply + watch, forever (until should_stop); API failures back off and relist."""
@@ -130,6 +146,6 @@ def run(agent: NodeAgent, api: Any, watch_module: Any, resync: float,
         except AgentError:
             raise
         except Exception as exc:  # API server restarts, connection resets, auth hiccups
-            log.warning("Kubernetes API: %s: %s; retrying in %.0fs", type(exc).__name__, exc, backoff)
+            log.warning("Kubernetes API: %s; retrying in %.0fs", api_error(exc), backoff)
             time.sleep(backoff)
             backoff = min(backoff * 2, 30.0)

@@ -90,6 +90,9 @@ def parse_topology(text: str, source: str = "topology") -> Topology:
     `clusterCIDR`, `internalIP` and `podCIDR` also accept comma-separated or
     list values (dual stack); `podCIDRs` / `internalIPs` are accepted spellings.
     """
+    if not text.strip():
+        # What a reader sees between `cat > file` truncating and writing: say so, not "line 1 column 1".
+        raise AgentError(f"{source} is empty")
     try:
         data = json.loads(text)
     except ValueError as exc:
