@@ -171,33 +171,54 @@ class Allocator:
 
     # -- DEL / CHECK / GC ----------------------------------------------------
     def release(self, owner: Owner) -> list[IPAddress]:
-        """Free what `owner` holds; a reservation reclaimed by someone else is left alone."""
+        """Free what `owner` holds; a reservation reclaimed by someone else is left alone.
+
+        With nothing held, the container's records from an older host-local (which name
+        no ifname) are freed instead, as host-local's own DEL does.
+        """
         with self.store.locked():
             point("ipam.del.locked")
-            released = []
-            for ip in self.store.owned_by(owner):
-                current = self.store.get(ip)
-                if current is not None and current.owner == owner:
-                    self.store.delete(ip)
-                    released.append(ip)
-                    point("ipam.del.ip-removed")
-            self.store.set_owned(owner, [])
+            released = self._release(owner)
+            if not released and owner[1]:
+                released = self._release(_legacy(owner))
             point("ipam.del.owner-removed")
             return released
 
+    def _release(self, owner: Owner) -> list[IPAddress]:
+        released = []
+        for ip in self.store.owned_by(owner):
+            current = self.store.get(ip)
+            if current is not None and current.owner == owner:
+                self.store.delete(ip)
+                released.append(ip)
+                point("ipam.del.ip-removed")
+        self.store.set_owned(owner, [])
+        return released
+
     def held_by(self, owner: Owner) -> list[IPAddress]:
+        """What `owner` holds (failing that, its container's legacy host-local records)."""
         with self.store.locked():
-            return [ip for ip in self.store.owned_by(owner)
-                    if (r := self.store.get(ip)) is not None and r.owner == owner]
+            for who in (owner, _legacy(owner)):
+                held = [ip for ip in self.store.owned_by(who)
+                        if (r := self.store.get(ip)) is not None and r.owner == who]
+                if held:
+                    return held
+            return []
 
     def gc(self, live: set[Owner]) -> list[Reservation]:
         """Drop every reservation and owner record whose owner is not in `live`."""
+        live_cids = {cid for cid, _ in live}
+
+        def alive(owner: Owner) -> bool:
+            # a legacy host-local record (no ifname) lives while any attachment of its container does
+            return owner in live or (not owner[1] and owner[0] in live_cids)
+
         with self.store.locked():
-            dropped = [r for r in self.store.reservations() if not r.damaged and r.owner not in live]
+            dropped = [r for r in self.store.reservations() if not r.damaged and not alive(r.owner)]
             for reservation in dropped:
                 self.store.delete(reservation.ip)
             for owner in self.store.owners():
-                if owner not in live:
+                if not alive(owner):
                     self.store.set_owned(owner, [])
             return dropped
 
@@ -207,3 +228,8 @@ class Allocator:
         total = sum(r.size() - (1 if r.contains(r.gateway_ip) else 0) for r in range_set)
         taken = sum(1 for r in self.store.reservations() if self._set_of(r.ip) == index)
         return total - taken
+
+
+def _legacy(owner: Owner) -> Owner:
+    """The owner an older host-local's id-only record reads as (see FileStore._decode)."""
+    return (owner[0], "")

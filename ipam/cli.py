@@ -51,7 +51,8 @@ what each finding means:
   damaged              the reservation file cannot be parsed; the address stays
                        blocked until `release --ip` removes the file.
   not-indexed          the reservation is missing from the owner index (host-local's
-                       files), so the container's DEL will not free it.
+                       files); the next cni-ipam call on this network indexes it, so
+                       that its container's DEL frees it.
   orphan-owner-record  an owners/ entry names addresses its container no longer holds
                        (left by a plugin killed mid-DEL, or reclaimed after a reboot).
   temp-file            a temp file left by a writer killed mid-write; harmless, `gc`
@@ -216,7 +217,8 @@ def find_problems(state: NetworkState, boot_id: str, netns_dir: Optional[str],
                 found.append(Finding(kind="no-host-veth", detail=f"host veth {name} is missing", **where))
         if str(r.ip) not in state.index.get(r.owner, []):
             found.append(Finding(kind="not-indexed",
-                                 detail="not in the owner index: DEL will not free it", **where))
+                                 detail="not in the owner index yet: the next cni-ipam call indexes it",
+                                 **where))
     for owner, ips in sorted(state.index.items()):
         stale = [ip for ip in ips if ip not in held.get(owner, set())]
         if stale:
@@ -248,7 +250,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 # -- release and gc ---------------------------------------------------------------------
 def _store(args: argparse.Namespace) -> FileStore:
     networks(args.data_dir, args.network)  # the network must exist
-    return FileStore(args.data_dir, args.network, args.lock_timeout)
+    return FileStore(args.data_dir, args.network, args.lock_timeout, index_unindexed=not args.dry_run)
 
 
 def _drop(store: FileStore, reservation: Reservation, dry_run: bool, out: TextIO, verb: str) -> None:
@@ -307,9 +309,11 @@ def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
                        "list every live attachment with --keep CID/IFNAME, or pass --all-dead "
                        "if no container on this network is running")
     pairs, whole = parse_keep(args.keep)
+    paired = {cid for cid, _ in pairs}
 
     def live(owner: Owner) -> bool:
-        return owner in pairs or owner[0] in whole
+        # an older host-local's record names no ifname: any kept attachment of its container keeps it
+        return owner in pairs or owner[0] in whole or (not owner[1] and owner[0] in paired)
 
     store = _store(args)
     with store.locked():

@@ -1,0 +1,134 @@
+"""Review fixes in cni-ipam: FileStore, allocator, IPAM verbs and the operator CLI, no root."""
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import pytest
+
+from ipam.allocator import Allocator
+from ipam.config import Range
+from ipam.filestore import FileStore
+from ipam.store import Reservation
+
+ip = ipaddress.ip_address
+NET = "pods"
+BOOT = "boot-1"
+
+
+@pytest.fixture
+def store(tmp_path) -> FileStore:
+    return FileStore(str(tmp_path / "data"), NET, lock_timeout=0.2)
+
+
+def net_dir(tmp_path):
+    return tmp_path / "data" / NET
+
+
+def allocator(store, subnet="10.0.0.0/29", boot=BOOT) -> Allocator:
+    return Allocator(store, [[Range(subnet=subnet)]], boot, 1234.5)
+
+
+def host_local_file(tmp_path, address: str, content: bytes) -> None:
+    """A reservation as the reference host-local writes it (O_EXCL create, no owners/ entry)."""
+    path = net_dir(tmp_path) / address
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+def files(tmp_path) -> list[str]:
+    return sorted(n for n in os.listdir(net_dir(tmp_path)) if n[0].isdigit())
+
+
+# -- 1. host-local's records ----------------------------------------------------------------
+def test_host_local_records_are_freed_checked_and_kept_by_repeated_add(store, tmp_path):
+    host_local_file(tmp_path, "10.0.0.2", b"hl-a\r\neth0")
+    host_local_file(tmp_path, "10.0.0.3", b"hl-b\r\neth0")
+    a = allocator(store)
+    assert a.held_by(("hl-a", "eth0")) == [ip("10.0.0.2")]                     # CHECK finds it
+    assert [str(x.ip) for x in a.allocate(("hl-b", "eth0"))] == ["10.0.0.3"]   # repeated ADD: same IP
+    assert a.release(("hl-a", "eth0")) == [ip("10.0.0.2")]                      # DEL frees it
+    assert files(tmp_path) == ["10.0.0.3"]
+    assert a.release(("hl-b", "eth0")) == [ip("10.0.0.3")]
+    assert files(tmp_path) == [] and store.owners() == []
+
+
+def test_records_written_by_host_local_later_are_found_too(store, tmp_path):
+    """host-local writing after cni-ipam used the store (a rollback, then the swap again)."""
+    a = allocator(store)
+    a.allocate(("mine", "eth0"))                        # 10.0.0.2; the store is indexed now
+    host_local_file(tmp_path, "10.0.0.3", b"theirs\r\neth0")
+    assert a.release(("theirs", "eth0")) == [ip("10.0.0.3")]
+    assert files(tmp_path) == ["10.0.0.2"]
+
+
+def test_the_directory_is_read_only_when_someone_else_changed_it(store, tmp_path, monkeypatch):
+    for n in range(2, 7):
+        host_local_file(tmp_path, f"10.0.0.{n}", f"hl{n}\r\neth0".encode())
+    a = allocator(store)
+    a.release(("hl2", "eth0"))                          # indexes the other four
+    decoded = []
+    original = FileStore._decode
+    monkeypatch.setattr(FileStore, "_decode", lambda self, i, d: decoded.append(i) or original(self, i, d))
+    a.release(("hl3", "eth0"))
+    a.held_by(("hl4", "eth0"))
+    assert decoded == [ip("10.0.0.3"), ip("10.0.0.4")]   # only the records asked about, no scan
+    host_local_file(tmp_path, "10.0.0.2", b"hl7\r\neth0")  # host-local again: one scan
+    decoded.clear()
+    assert a.held_by(("hl7", "eth0")) == [ip("10.0.0.2")]
+    assert sorted(decoded) == [ip("10.0.0.2"), ip("10.0.0.2"), ip("10.0.0.4"), ip("10.0.0.5"), ip("10.0.0.6")]
+
+
+def test_older_host_local_id_only_records(store, tmp_path):
+    """Old host-local wrote the container ID alone; its DEL freed them for any ifname of
+    that container when nothing matched (cid, ifname) exactly, and so does cni-ipam."""
+    host_local_file(tmp_path, "10.0.0.2", b"old-a")
+    host_local_file(tmp_path, "10.0.0.3", b"old-b\n")
+    a = allocator(store)
+    r = store.get(ip("10.0.0.2"))
+    assert (r.container_id, r.ifname, r.damaged) == ("old-a", "", False)
+    assert a.held_by(("old-a", "eth0")) == [ip("10.0.0.2")]
+    assert a.release(("old-a", "eth0")) == [ip("10.0.0.2")]
+    assert a.release(("old-a", "eth0")) == []
+    # GC keeps one while any attachment of its container is live
+    assert a.gc({("old-b", "eth0")}) == [] and files(tmp_path) == ["10.0.0.3"]
+    assert [x.ip for x in a.gc({("other", "eth0")})] == [ip("10.0.0.3")]
+    assert files(tmp_path) == [] and store.owners() == []
+
+
+def test_an_unreadable_record_does_not_stop_del_and_is_read_again_next_time(store, tmp_path, monkeypatch):
+    from ipam.filestore import io_error
+
+    host_local_file(tmp_path, "10.0.0.2", b"hl-a\r\neth0")
+    host_local_file(tmp_path, "10.0.0.3", b"hl-b\r\neth0")
+    bad = str(net_dir(tmp_path) / "10.0.0.3")
+    original = FileStore._read
+
+    def read(self, path):
+        if path == bad:
+            raise io_error("read", path, PermissionError(13, "Permission denied"))
+        return original(self, path)
+
+    monkeypatch.setattr(FileStore, "_read", read)
+    a = allocator(store)
+    assert a.release(("hl-a", "eth0")) == [ip("10.0.0.2")]
+    monkeypatch.setattr(FileStore, "_read", original)   # readable again: the next caller indexes it
+    assert a.release(("hl-b", "eth0")) == [ip("10.0.0.3")]
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    import io
+
+    from ipam.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    rc = main(list(argv), out, err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_cli_gc_keeps_an_id_only_record_of_a_kept_container(store, tmp_path):
+    host_local_file(tmp_path, "10.0.0.2", b"old-a")
+    host_local_file(tmp_path, "10.0.0.3", b"old-b")
+    rc, out, err = cli("gc", "--data-dir", str(tmp_path / "data"), "--network", NET, "--keep", "old-a/eth0")
+    assert rc == 0, err
+    assert files(tmp_path) == ["10.0.0.2"]
