@@ -44,9 +44,14 @@ class Allocator:
             chosen: list[Allocation] = []
             for index, range_set in enumerate(self.range_sets):
                 chosen.append(self._choose(index, range_set, owner, held, wanted.get(index)))
-            # Intent first: the owner index names the IPs before their files exist,
-            # so a crash in between is repaired by the retry or by DEL.
-            self.store.set_owned(owner, [a.ip for a in chosen])
+            new = [a.ip for a in chosen]
+            # A repeated ADD may move to other addresses (another requested IP, changed
+            # ranges); it frees the ones it leaves, but only after the new ones are written.
+            stale = [ip for ip in held if ip not in new]
+            # Intent first: the owner index names the new IPs before their files exist, and
+            # keeps the stale ones until they are gone, so a crash anywhere in between is
+            # repaired by the retry (which frees the stale ones) or by DEL (which frees all).
+            self.store.set_owned(owner, new + stale)
             point("ipam.add.owner-recorded")
             try:
                 for index, alloc in enumerate(chosen):
@@ -56,13 +61,13 @@ class Allocator:
             except CNIError:
                 self._undo_allocate(owner, held, chosen)
                 raise
-            # A repeated ADD that moved to other addresses (another requested IP, changed
-            # ranges) frees those it no longer holds: the owner index above dropped them.
-            for stale in set(held) - {a.ip for a in chosen}:
+            if stale:
                 with contextlib.suppress(CNIError):
-                    current = self.store.get(stale)
-                    if current is not None and current.owner == owner:
-                        self.store.delete(stale)
+                    for ip in stale:
+                        current = self.store.get(ip)
+                        if current is not None and current.owner == owner:
+                            self.store.delete(ip)
+                    self.store.set_owned(owner, new)
             point("ipam.add.cursor-written")
             return chosen
 

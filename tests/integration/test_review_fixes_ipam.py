@@ -122,3 +122,27 @@ def test_host_local_writes_after_cni_ipam_used_the_store(tmp_path):
     assert reserved(tmp_path) == [address(mine)]
     ok(cni_ipam(tmp_path, "DEL", "pod-a"))
     assert store_files(tmp_path, NET) == {"reservations": [], "owners": [], "temp_files": []}
+
+
+# -- 2. a repeated ADD that moves the address, SIGKILLed midway -------------------------------
+@pytest.mark.parametrize("point", ["ipam.add.owner-recorded", "ipam.add.ip-written"])
+@pytest.mark.parametrize("then", ["DEL", "ADD"])
+def test_killed_repeated_add_that_moved_leaks_neither_address(tmp_path, point, then):
+    first = ok(cni_ipam(tmp_path, "ADD", "pod-a", env={"CNI_ARGS": "IP=10.93.0.40"}))
+    assert address(first) == "10.93.0.40"
+    proc = cni_ipam(tmp_path, "ADD", "pod-a", env={"CNI_ARGS": "IP=10.93.0.41", **faulty(point)})
+    assert proc.returncode == KILLED, (point, proc.returncode, proc.stdout, proc.stderr)
+
+    if then == "DEL":
+        ok(cni_ipam(tmp_path, "DEL", "pod-a"))
+        assert store_files(tmp_path, NET) == {"reservations": [], "owners": [], "temp_files": []}
+    else:
+        again = ok(cni_ipam(tmp_path, "ADD", "pod-a", env={"CNI_ARGS": "IP=10.93.0.41"}))
+        assert address(again) == "10.93.0.41"
+        assert reserved(tmp_path) == ["10.93.0.41"]
+        ok(cni_ipam(tmp_path, "DEL", "pod-a"))
+        assert reserved(tmp_path) == []
+    res = subprocess.run([str(VENV_BIN / "cni-ipam"), "check", "--data-dir", str(tmp_path), "--network", NET],
+                         capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+    no_traceback(res)
+    assert res.returncode == 0, res.stdout + res.stderr

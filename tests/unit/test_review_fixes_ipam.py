@@ -132,3 +132,35 @@ def test_cli_gc_keeps_an_id_only_record_of_a_kept_container(store, tmp_path):
     rc, out, err = cli("gc", "--data-dir", str(tmp_path / "data"), "--network", NET, "--keep", "old-a/eth0")
     assert rc == 0, err
     assert files(tmp_path) == ["10.0.0.2"]
+
+
+# -- 2. a killed repeated ADD that moved the address ----------------------------------------
+class Killed(BaseException):
+    """Stands in for SIGKILL at a fault point: no `except CNIError` rollback runs."""
+
+
+@pytest.mark.parametrize("at", ["ipam.add.owner-recorded", "ipam.add.ip-written"])
+@pytest.mark.parametrize("then", ["del", "add"])
+def test_killed_repeated_add_that_moved_leaks_neither_address(monkeypatch, at, then):
+    import ipam.allocator
+    from ipam.store import MemoryStore
+
+    a = allocator(MemoryStore())
+    owner = ("c1", "eth0")
+    assert [x.ip for x in a.allocate(owner, [ip("10.0.0.4")])] == [ip("10.0.0.4")]
+
+    def point(name):
+        if name == at:
+            raise Killed(name)
+
+    monkeypatch.setattr(ipam.allocator, "point", point)
+    with pytest.raises(Killed):
+        a.allocate(owner, [ip("10.0.0.5")])       # the requested IP changed: moves .4 -> .5
+    monkeypatch.undo()
+    if then == "del":
+        a.release(owner)
+        assert list(a.store.reservations()) == [] and a.store.owners() == []
+    else:                                          # the runtime retries the ADD instead
+        assert [x.ip for x in a.allocate(owner, [ip("10.0.0.5")])] == [ip("10.0.0.5")]
+        assert [r.ip for r in a.store.reservations()] == [ip("10.0.0.5")]
+        assert a.store.owned_by(owner) == [ip("10.0.0.5")]
