@@ -211,7 +211,12 @@ class Allocator:
             return []
 
     def gc(self, live: set[Owner]) -> list[Reservation]:
-        """Drop every reservation and owner record whose owner is not in `live`."""
+        """Drop every reservation in this config's ranges whose owner is not in `live`.
+
+        Addresses outside the ranges are left alone: another config with the same network
+        name (and dataDir) but other subnets shares this store, and `live` lists only its
+        own attachments. Owner records lose only the addresses dropped here or no longer held.
+        """
         live_cids = {cid for cid, _ in live}
 
         def alive(owner: Owner) -> bool:
@@ -219,12 +224,18 @@ class Allocator:
             return owner in live or (not owner[1] and owner[0] in live_cids)
 
         with self.store.locked():
-            dropped = [r for r in self.store.reservations() if not r.damaged and not alive(r.owner)]
+            dropped = [r for r in self.store.reservations()
+                       if not r.damaged and not alive(r.owner) and self._set_of(r.ip) is not None]
             for reservation in dropped:
                 self.store.delete(reservation.ip)
             for owner in self.store.owners():
-                if not alive(owner):
-                    self.store.set_owned(owner, [])
+                if alive(owner):
+                    continue
+                held = self.store.owned_by(owner)
+                kept = [ip for ip in held if self._set_of(ip) is None
+                        and (r := self.store.get(ip)) is not None and r.owner == owner]
+                if kept != held or not kept:   # (a damaged record reads as empty)
+                    self.store.set_owned(owner, kept)
             return dropped
 
     def free_count(self, index: int) -> int:

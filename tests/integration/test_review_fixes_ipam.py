@@ -146,3 +146,28 @@ def test_killed_repeated_add_that_moved_leaks_neither_address(tmp_path, point, t
                          capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
     no_traceback(res)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+# -- 3. one network name, two subnets, one dataDir ------------------------------------------
+def test_del_and_gc_under_one_config_leave_the_other_configs_reservations(tmp_path):
+    other = {"ranges": [[{"subnet": "10.94.0.0/24"}]]}
+    a1 = address(ok(cni_ipam(tmp_path, "ADD", "pod-a1")))
+    a2 = address(ok(cni_ipam(tmp_path, "ADD", "pod-a2")))
+    b1 = address(ok(cni_ipam(tmp_path, "ADD", "pod-b1", **other)))
+    b2 = address(ok(cni_ipam(tmp_path, "ADD", "pod-b2", **other)))
+
+    ok(cni_ipam(tmp_path, "DEL", "pod-b2", **other))
+    assert reserved(tmp_path) == sorted([a1, a2, b1])
+    gc = _conf(tmp_path, "cni-ipam")
+    gc["cniVersion"] = "1.1.0"
+    gc["ipam"].update(other)
+    gc["cni.dev/valid-attachments"] = [{"containerID": "pod-b1", "ifname": "eth0"}]
+    ok(_exec(VENV_BIN / "cni-ipam", "GC", gc, ""))
+    assert reserved(tmp_path) == sorted([a1, a2, b1])
+
+    # the other config's pods keep working: CHECK, and DEL frees them
+    ok(cni_ipam(tmp_path, "CHECK", "pod-a1", prev={"cniVersion": "1.0.0",
+                                                    "ips": [{"address": f"{a1}/24"}]}))
+    ok(cni_ipam(tmp_path, "DEL", "pod-a1"))
+    ok(cni_ipam(tmp_path, "DEL", "pod-a2"))
+    assert reserved(tmp_path) == [b1] and b2 not in reserved(tmp_path)

@@ -164,3 +164,37 @@ def test_killed_repeated_add_that_moved_leaks_neither_address(monkeypatch, at, t
         assert [x.ip for x in a.allocate(owner, [ip("10.0.0.5")])] == [ip("10.0.0.5")]
         assert [r.ip for r in a.store.reservations()] == [ip("10.0.0.5")]
         assert a.store.owned_by(owner) == [ip("10.0.0.5")]
+
+
+# -- 3. one network name, two configs with other subnets, one dataDir -----------------------
+def test_gc_under_one_config_leaves_the_other_configs_reservations():
+    from ipam.store import MemoryStore
+
+    shared = MemoryStore()
+    a = Allocator(shared, [[Range(subnet="10.1.0.0/24")]], BOOT, 0.0)
+    b = Allocator(shared, [[Range(subnet="10.2.0.0/24")], [Range(subnet="fd02::/64")]], BOOT, 0.0)
+    a.allocate(("a1", "eth0"))
+    b.allocate(("b1", "eth0"))
+    b.allocate(("b-dead", "eth0"))
+    dropped = b.gc({("b1", "eth0")})
+    assert sorted(str(r.ip) for r in dropped) == ["10.2.0.3", "fd02::3"]
+    assert sorted(str(r.ip) for r in shared.reservations()) == ["10.1.0.2", "10.2.0.2", "fd02::2"]
+    # a1's owner record survived too, so its DEL under its own config still frees it
+    assert a.release(("a1", "eth0")) == [ip("10.1.0.2")]
+    assert b.gc(set()) and list(shared.reservations()) == [] and shared.owners() == []
+
+
+def test_gc_keeps_an_owners_out_of_range_addresses_and_drops_its_in_range_ones():
+    """One attachment holding addresses in both configs' ranges (a range changed under it):
+    GC under one config frees only that config's part."""
+    from ipam.store import MemoryStore
+
+    shared = MemoryStore()
+    a = Allocator(shared, [[Range(subnet="10.1.0.0/24")]], BOOT, 0.0)
+    b = Allocator(shared, [[Range(subnet="10.2.0.0/24")]], BOOT, 0.0)
+    a.allocate(("x", "eth0"))
+    shared.put(Reservation(ip("10.2.0.9"), "x", "eth0", BOOT))
+    shared.set_owned(("x", "eth0"), [ip("10.1.0.2"), ip("10.2.0.9"), ip("10.2.0.10")])  # .10: orphan
+    assert [str(r.ip) for r in b.gc(set())] == ["10.2.0.9"]
+    assert shared.owned_by(("x", "eth0")) == [ip("10.1.0.2")]
+    assert a.release(("x", "eth0")) == [ip("10.1.0.2")]
