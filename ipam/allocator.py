@@ -140,9 +140,12 @@ class Allocator:
         current = self.store.get(ip)
         if current is None or current.owner == owner:
             return True
+        return reclaim and self._reclaimable(current)
+
+    def _reclaimable(self, reservation: Reservation) -> bool:
         # Reclaim only what an earlier boot left: its netns cannot exist any more.
-        return bool(reclaim and self.boot_id and current.boot_id and not current.damaged
-                    and current.boot_id != self.boot_id)
+        return bool(self.boot_id and reservation.boot_id and not reservation.damaged
+                    and reservation.boot_id != self.boot_id)
 
     @staticmethod
     def _range_of(range_set: RangeSet, ip: IPAddress) -> Range:
@@ -239,10 +242,13 @@ class Allocator:
             return dropped
 
     def free_count(self, index: int) -> int:
-        """How many addresses of a range set are not reserved (gateway excluded)."""
+        """How many addresses of a range set ADD could hand out (gateway excluded): an earlier
+        boot's reservation counts as free, since ADD reclaims it when nothing else is left."""
         range_set = self.range_sets[index]
-        total = sum(r.size() - (1 if r.contains(r.gateway_ip) else 0) for r in range_set)
-        taken = sum(1 for r in self.store.reservations() if self._set_of(r.ip) == index)
+        gateways = {r.gateway_ip for r in range_set if r.contains(r.gateway_ip)}
+        total = sum(r.size() for r in range_set) - len(gateways)
+        taken = sum(1 for r in self.store.reservations()
+                    if self._set_of(r.ip) == index and r.ip not in gateways and not self._reclaimable(r))
         return total - taken
 
 

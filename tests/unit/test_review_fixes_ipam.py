@@ -198,3 +198,38 @@ def test_gc_keeps_an_owners_out_of_range_addresses_and_drops_its_in_range_ones()
     assert [str(r.ip) for r in b.gc(set())] == ["10.2.0.9"]
     assert shared.owned_by(("x", "eth0")) == [ip("10.1.0.2")]
     assert a.release(("x", "eth0")) == [ip("10.1.0.2")]
+
+
+# -- 4. STATUS counts what ADD would reclaim as free ----------------------------------------
+def test_status_counts_earlier_boot_reservations_as_free(tmp_path, monkeypatch):
+    import ipam.plugin
+    from cni_bridge.protocol.errors import CNIError
+    from ipam.plugin import IpamPlugin
+
+    from .helpers import cni_env, make_request
+
+    monkeypatch.setattr(ipam.plugin, "current_boot_id", lambda: "boot-now")
+    config = {"cniVersion": "1.1.0", "name": NET, "type": "cni-ipam",
+              "ipam": {"type": "cni-ipam", "dataDir": str(tmp_path / "data"),
+                       "ranges": [[{"subnet": "10.0.0.0/29"}]]}}     # .2 .. .6
+
+    def call(verb, cid="new"):
+        req = make_request(cni_env(verb, CNI_CONTAINERID=cid), config)
+        return getattr(IpamPlugin(), {"ADD": "add", "STATUS": "status"}[verb])(req)
+
+    store = FileStore(str(tmp_path / "data"), NET)
+    with store.locked():
+        for n in range(2, 7):   # full, but only of an earlier boot's reservations
+            store.put(Reservation(ip(f"10.0.0.{n}"), f"old{n}", "eth0", "boot-before", 1.0))
+    call("STATUS")                                  # ADD can be served ...
+    assert str(call("ADD").ips[0].address.ip) in {f"10.0.0.{n}" for n in range(2, 7)}   # ... and is
+    call("STATUS")
+
+    # reservations of this boot, host-local's (no boot) and damaged ones are not free
+    with store.locked():
+        for n in range(2, 7):
+            if store.get(ip(f"10.0.0.{n}")).boot_id == "boot-before":
+                store.put(Reservation(ip(f"10.0.0.{n}"), f"hl{n}", "eth0"))
+    with pytest.raises(CNIError) as info:
+        call("STATUS")
+    assert info.value.code == 50
