@@ -171,3 +171,21 @@ def test_del_and_gc_under_one_config_leave_the_other_configs_reservations(tmp_pa
     ok(cni_ipam(tmp_path, "DEL", "pod-a1"))
     ok(cni_ipam(tmp_path, "DEL", "pod-a2"))
     assert reserved(tmp_path) == [b1] and b2 not in reserved(tmp_path)
+
+
+# -- 5. the operator CLI's gc with a --keep that matches nothing ------------------------------
+def test_cli_gc_with_a_mistyped_keep_fails_and_frees_nothing(tmp_path):
+    pods = {cid: address(ok(cni_ipam(tmp_path, "ADD", cid))) for cid in ("pod-a", "pod-b")}
+
+    def gc(*extra):
+        res = subprocess.run([str(VENV_BIN / "cni-ipam"), "gc", "--data-dir", str(tmp_path), "--network", NET,
+                              *extra], capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")})
+        no_traceback(res)
+        return res
+
+    res = gc("--keep", "pod-a/eth0", "--keep", "pod-bx/eth0")
+    assert res.returncode == 2 and "pod-bx/eth0" in res.stderr and "--force" in res.stderr, res.stderr
+    assert reserved(tmp_path) == sorted(pods.values())
+    res = gc("--keep", "pod-a/eth0", "--keep", "pod-bx/eth0", "--force")
+    assert res.returncode == 0, res.stderr
+    assert reserved(tmp_path) == [pods["pod-a"]]

@@ -233,3 +233,38 @@ def test_status_counts_earlier_boot_reservations_as_free(tmp_path, monkeypatch):
     with pytest.raises(CNIError) as info:
         call("STATUS")
     assert info.value.code == 50
+
+
+# -- 5. `cni-ipam gc --keep` with IDs that match nothing --------------------------------------
+def _three_pods(store):
+    a = allocator(store)
+    for cid in ("pod-a", "pod-b", "pod-c"):
+        a.allocate((cid, "eth0"))
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_cli_gc_refuses_keep_ids_that_match_nothing(store, tmp_path, dry_run):
+    _three_pods(store)
+    base = ["gc", "--data-dir", str(tmp_path / "data"), "--network", NET, *dry_run]
+    rc, out, err = cli(*base, "--keep", "pod-a/eth0", "--keep", "pod-bb/eth0", "--keep", "pod-a/net1",
+                       "--keep", "podc")
+    assert rc == 2, (out, err)
+    assert "pod-bb/eth0, pod-a/net1, podc" in err and "--force" in err
+    assert files(tmp_path) == ["10.0.0.2", "10.0.0.3", "10.0.0.4"] and "free" not in out
+
+
+def test_cli_gc_with_force_frees_the_rest_and_names_the_unmatched(store, tmp_path):
+    _three_pods(store)
+    base = ["gc", "--data-dir", str(tmp_path / "data"), "--network", NET]
+    rc, out, err = cli(*base, "--keep", "pod-a/eth0", "--keep", "pod-bb", "--force")
+    assert rc == 0, err
+    assert "pod-bb" in out and files(tmp_path) == ["10.0.0.2"]
+
+
+def test_cli_gc_keep_ids_that_all_match_work_as_before(store, tmp_path):
+    _three_pods(store)
+    host_local_file(tmp_path, "10.0.0.6", b"old-d")      # an old host-local's record, kept by CID/IFNAME
+    base = ["gc", "--data-dir", str(tmp_path / "data"), "--network", NET]
+    rc, out, err = cli(*base, "--keep", "pod-a/eth0", "--keep", "pod-b", "--keep", "old-d/eth0")
+    assert rc == 0, err
+    assert files(tmp_path) == ["10.0.0.2", "10.0.0.3", "10.0.0.6"] and "freed 1 reservation(s)" in out
