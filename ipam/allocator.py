@@ -44,9 +44,14 @@ class Allocator:
             chosen: list[Allocation] = []
             for index, range_set in enumerate(self.range_sets):
                 chosen.append(self._choose(index, range_set, owner, held, wanted.get(index)))
-            # Intent first: the owner index names the IPs before their files exist,
-            # so a crash in between is repaired by the retry or by DEL.
-            self.store.set_owned(owner, [a.ip for a in chosen])
+            new = [a.ip for a in chosen]
+            # A repeated ADD may move to other addresses (another requested IP, changed
+            # ranges); it frees the ones it leaves, but only after the new ones are written.
+            stale = [ip for ip in held if ip not in new]
+            # Intent first: the owner index names the new IPs before their files exist, and
+            # keeps the stale ones until they are gone, so a crash anywhere in between is
+            # repaired by the retry (which frees the stale ones) or by DEL (which frees all).
+            self.store.set_owned(owner, new + stale)
             point("ipam.add.owner-recorded")
             try:
                 for index, alloc in enumerate(chosen):
@@ -56,13 +61,13 @@ class Allocator:
             except CNIError:
                 self._undo_allocate(owner, held, chosen)
                 raise
-            # A repeated ADD that moved to other addresses (another requested IP, changed
-            # ranges) frees those it no longer holds: the owner index above dropped them.
-            for stale in set(held) - {a.ip for a in chosen}:
+            if stale:
                 with contextlib.suppress(CNIError):
-                    current = self.store.get(stale)
-                    if current is not None and current.owner == owner:
-                        self.store.delete(stale)
+                    for ip in stale:
+                        current = self.store.get(ip)
+                        if current is not None and current.owner == owner:
+                            self.store.delete(ip)
+                    self.store.set_owned(owner, new)
             point("ipam.add.cursor-written")
             return chosen
 
@@ -135,9 +140,12 @@ class Allocator:
         current = self.store.get(ip)
         if current is None or current.owner == owner:
             return True
+        return reclaim and self._reclaimable(current)
+
+    def _reclaimable(self, reservation: Reservation) -> bool:
         # Reclaim only what an earlier boot left: its netns cannot exist any more.
-        return bool(reclaim and self.boot_id and current.boot_id and not current.damaged
-                    and current.boot_id != self.boot_id)
+        return bool(self.boot_id and reservation.boot_id and not reservation.damaged
+                    and reservation.boot_id != self.boot_id)
 
     @staticmethod
     def _range_of(range_set: RangeSet, ip: IPAddress) -> Range:
@@ -171,39 +179,79 @@ class Allocator:
 
     # -- DEL / CHECK / GC ----------------------------------------------------
     def release(self, owner: Owner) -> list[IPAddress]:
-        """Free what `owner` holds; a reservation reclaimed by someone else is left alone."""
+        """Free what `owner` holds; a reservation reclaimed by someone else is left alone.
+
+        With nothing held, the container's records from an older host-local (which name
+        no ifname) are freed instead, as host-local's own DEL does.
+        """
         with self.store.locked():
             point("ipam.del.locked")
-            released = []
-            for ip in self.store.owned_by(owner):
-                current = self.store.get(ip)
-                if current is not None and current.owner == owner:
-                    self.store.delete(ip)
-                    released.append(ip)
-                    point("ipam.del.ip-removed")
-            self.store.set_owned(owner, [])
+            released = self._release(owner)
+            if not released and owner[1]:
+                released = self._release(_legacy(owner))
             point("ipam.del.owner-removed")
             return released
 
+    def _release(self, owner: Owner) -> list[IPAddress]:
+        released = []
+        for ip in self.store.owned_by(owner):
+            current = self.store.get(ip)
+            if current is not None and current.owner == owner:
+                self.store.delete(ip)
+                released.append(ip)
+                point("ipam.del.ip-removed")
+        self.store.set_owned(owner, [])
+        return released
+
     def held_by(self, owner: Owner) -> list[IPAddress]:
+        """What `owner` holds (failing that, its container's legacy host-local records)."""
         with self.store.locked():
-            return [ip for ip in self.store.owned_by(owner)
-                    if (r := self.store.get(ip)) is not None and r.owner == owner]
+            for who in (owner, _legacy(owner)):
+                held = [ip for ip in self.store.owned_by(who)
+                        if (r := self.store.get(ip)) is not None and r.owner == who]
+                if held:
+                    return held
+            return []
 
     def gc(self, live: set[Owner]) -> list[Reservation]:
-        """Drop every reservation and owner record whose owner is not in `live`."""
+        """Drop every reservation in this config's ranges whose owner is not in `live`.
+
+        Addresses outside the ranges are left alone: another config with the same network
+        name (and dataDir) but other subnets shares this store, and `live` lists only its
+        own attachments. Owner records lose only the addresses dropped here or no longer held.
+        """
+        live_cids = {cid for cid, _ in live}
+
+        def alive(owner: Owner) -> bool:
+            # a legacy host-local record (no ifname) lives while any attachment of its container does
+            return owner in live or (not owner[1] and owner[0] in live_cids)
+
         with self.store.locked():
-            dropped = [r for r in self.store.reservations() if not r.damaged and r.owner not in live]
+            dropped = [r for r in self.store.reservations()
+                       if not r.damaged and not alive(r.owner) and self._set_of(r.ip) is not None]
             for reservation in dropped:
                 self.store.delete(reservation.ip)
             for owner in self.store.owners():
-                if owner not in live:
-                    self.store.set_owned(owner, [])
+                if alive(owner):
+                    continue
+                held = self.store.owned_by(owner)
+                kept = [ip for ip in held if self._set_of(ip) is None
+                        and (r := self.store.get(ip)) is not None and r.owner == owner]
+                if kept != held or not kept:   # (a damaged record reads as empty)
+                    self.store.set_owned(owner, kept)
             return dropped
 
     def free_count(self, index: int) -> int:
-        """How many addresses of a range set are not reserved (gateway excluded)."""
+        """How many addresses of a range set ADD could hand out (gateway excluded): an earlier
+        boot's reservation counts as free, since ADD reclaims it when nothing else is left."""
         range_set = self.range_sets[index]
-        total = sum(r.size() - (1 if r.contains(r.gateway_ip) else 0) for r in range_set)
-        taken = sum(1 for r in self.store.reservations() if self._set_of(r.ip) == index)
+        gateways = {r.gateway_ip for r in range_set if r.contains(r.gateway_ip)}
+        total = sum(r.size() for r in range_set) - len(gateways)
+        taken = sum(1 for r in self.store.reservations()
+                    if self._set_of(r.ip) == index and r.ip not in gateways and not self._reclaimable(r))
         return total - taken
+
+
+def _legacy(owner: Owner) -> Owner:
+    """The owner an older host-local's id-only record reads as (see FileStore._decode)."""
+    return (owner[0], "")

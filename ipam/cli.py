@@ -5,7 +5,7 @@ Runs when cni-ipam is started without CNI_COMMAND and with a command:
     cni-ipam list    [--data-dir DIR] [--network NAME] [--json]
     cni-ipam check   [--data-dir DIR] [--network NAME] [--json] [--netns-dir DIR] [--host-veths]
     cni-ipam release --network NAME (--ip IP | --container-id CID [--ifname IF]) [--dry-run]
-    cni-ipam gc      --network NAME (--keep CID[/IFNAME] ... | --all-dead) [--dry-run]
+    cni-ipam gc      --network NAME (--keep CID[/IFNAME] ... [--force] | --all-dead) [--dry-run]
 
 `list` and `check` only read (no lock, so they work on a read-only disk; every
 file is replaced atomically, so each one read is whole). `release` and `gc`
@@ -51,7 +51,8 @@ what each finding means:
   damaged              the reservation file cannot be parsed; the address stays
                        blocked until `release --ip` removes the file.
   not-indexed          the reservation is missing from the owner index (host-local's
-                       files), so the container's DEL will not free it.
+                       files); the next cni-ipam call on this network indexes it, so
+                       that its container's DEL frees it.
   orphan-owner-record  an owners/ entry names addresses its container no longer holds
                        (left by a plugin killed mid-DEL, or reclaimed after a reboot).
   temp-file            a temp file left by a writer killed mid-write; harmless, `gc`
@@ -216,7 +217,8 @@ def find_problems(state: NetworkState, boot_id: str, netns_dir: Optional[str],
                 found.append(Finding(kind="no-host-veth", detail=f"host veth {name} is missing", **where))
         if str(r.ip) not in state.index.get(r.owner, []):
             found.append(Finding(kind="not-indexed",
-                                 detail="not in the owner index: DEL will not free it", **where))
+                                 detail="not in the owner index yet: the next cni-ipam call indexes it",
+                                 **where))
     for owner, ips in sorted(state.index.items()):
         stale = [ip for ip in ips if ip not in held.get(owner, set())]
         if stale:
@@ -248,7 +250,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
 # -- release and gc ---------------------------------------------------------------------
 def _store(args: argparse.Namespace) -> FileStore:
     networks(args.data_dir, args.network)  # the network must exist
-    return FileStore(args.data_dir, args.network, args.lock_timeout)
+    return FileStore(args.data_dir, args.network, args.lock_timeout, index_unindexed=not args.dry_run)
 
 
 def _drop(store: FileStore, reservation: Reservation, dry_run: bool, out: TextIO, verb: str) -> None:
@@ -301,20 +303,45 @@ def parse_keep(items: Iterable[str]) -> tuple[set[Owner], set[str]]:
     return pairs, whole
 
 
+def _unmatched_keeps(items: list[str], owners: set[Owner]) -> list[str]:
+    """The --keep items that name no attachment in `owners` (in the order given)."""
+    cids = {cid for cid, _ in owners}
+    unmatched = []
+    for item in items:
+        cid, sep, ifname = item.partition("/")
+        # CID/IFNAME also matches an older host-local's record, which names no ifname
+        found = ((cid, ifname) in owners or (cid, "") in owners) if sep else cid in cids
+        if not found and item not in unmatched:
+            unmatched.append(item)
+    return unmatched
+
+
 def cmd_gc(args: argparse.Namespace, out: TextIO) -> int:
     if not args.keep and not args.all_dead:
         raise CNIError(Code.INVALID_CONFIG, "refusing to free every reservation: no --keep given",
                        "list every live attachment with --keep CID/IFNAME, or pass --all-dead "
                        "if no container on this network is running")
     pairs, whole = parse_keep(args.keep)
+    paired = {cid for cid, _ in pairs}
 
     def live(owner: Owner) -> bool:
-        return owner in pairs or owner[0] in whole
+        # an older host-local's record names no ifname: any kept attachment of its container keeps it
+        return owner in pairs or owner[0] in whole or (not owner[1] and owner[0] in paired)
 
     store = _store(args)
     with store.locked():
+        reservations = list(store.reservations())
+        unmatched = _unmatched_keeps(args.keep, {r.owner for r in reservations if not r.damaged}
+                                     | set(store.owners()))
+        if unmatched and not args.force:
+            # A mistyped ID keeps nothing, so its container would lose its addresses.
+            raise CNIError(Code.INVALID_CONFIG,
+                           f"--keep {', '.join(unmatched)}: no reservation in network {args.network}",
+                           "check the IDs with `cni-ipam list`; pass --force to free the rest anyway")
+        if unmatched:
+            out.write(f"--keep {', '.join(unmatched)} matched nothing (--force)\n")
         freed = damaged = 0
-        for reservation in list(store.reservations()):
+        for reservation in reservations:
             if reservation.damaged:
                 damaged += 1
             elif not live(reservation.owner):
@@ -392,12 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Free every reservation of NETWORK whose container is not listed with "
                                    "--keep. The list must be complete: an attachment left out loses its "
                                    "address. With no --keep it refuses, unless --all-dead says that no "
-                                   "container of this network runs. Damaged records are left for `release`. "
+                                   "container of this network runs, and a --keep that matches no reservation "
+                                   "(a typo) is an error unless --force is given. Damaged records are left "
+                                   "for `release`. "
                                    "Also removes temp files left by killed writers.")
     common(p, True)
     p.add_argument("--keep", action="append", default=[], metavar="CID[/IFNAME]",
                    help="a live attachment (repeat for each); a bare CID keeps all its interfaces")
     p.add_argument("--all-dead", action="store_true", help="no container on this network is alive: free all")
+    p.add_argument("--force", action="store_true",
+                   help="go ahead even when a --keep matches no reservation (by default that is an "
+                        "error: a mistyped ID would free the addresses of the container it meant)")
     p.add_argument("--dry-run", action="store_true", help="say what would be freed, change nothing")
     p.add_argument("--lock-timeout", type=float, default=10.0, help=lock_help)
     p.set_defaults(run=cmd_gc)

@@ -1,11 +1,16 @@
 """The on-disk store: one file per reserved IP under <dataDir>/<network>/.
 
 Layout (all writes go to a temp file, fsync, then rename, so nothing is torn):
-  lock                       flock(LOCK_EX) around every read-modify-write
+  lock                       flock(LOCK_EX) around every read-modify-write; its content
+                             notes the directory's state when cni-ipam last let go
   <ip>                       JSON {containerID, ifname, boot, created}
   last_reserved_ip.<set>     the last address handed out from range set <set>
   owners/<cid>:<ifname>      JSON list of the IPs that attachment holds (the index
                              that keeps DEL and repeated ADD O(1) in store size)
+
+host-local (same dataDir and network name) writes `<ip>` files holding
+"<cid>\r\n<ifname>" (older versions: the container ID alone) and never touches
+owners/; `locked()` adds such records to the index before anything reads it.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import time
 from typing import Iterator, Optional
 
@@ -31,6 +37,8 @@ LOCK_FILE = "lock"
 LAST_PREFIX = "last_reserved_ip."
 OWNERS_DIR = "owners"
 _TMP_PREFIX = ".tmp-"
+# A CNI container ID (the spec's rule): what an old host-local's id-only file holds.
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
@@ -86,6 +94,21 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _dir_state(directory: str) -> str:
+    st = os.stat(directory)
+    return f"{st.st_ino}:{st.st_mtime_ns}"
+
+
+def _write_note(lock_fd: int, state: str) -> bool:
+    # No fsync: a lost or torn note only costs the next holder one scan.
+    try:
+        os.pwrite(lock_fd, state.encode(), 0)
+        os.ftruncate(lock_fd, len(state))
+        return True
+    except OSError:
+        return False
+
+
 def _parse_ip(name: str) -> Optional[IPAddress]:
     try:
         return ipaddress.ip_address(name)
@@ -94,10 +117,13 @@ def _parse_ip(name: str) -> Optional[IPAddress]:
 
 
 class FileStore:
-    def __init__(self, data_dir: str, network: str, lock_timeout: float = 30.0) -> None:
+    def __init__(self, data_dir: str, network: str, lock_timeout: float = 30.0,
+                 index_unindexed: bool = True) -> None:
         self.dir = os.path.join(data_dir, network)
         self.owners_dir = os.path.join(self.dir, OWNERS_DIR)
         self.lock_timeout = lock_timeout
+        # False for callers that promise to change nothing (`cni-ipam gc --dry-run`).
+        self.index_unindexed = index_unindexed
         self._lock_depth = 0
         self._lock_fd: Optional[int] = None
 
@@ -127,9 +153,14 @@ class FileStore:
         try:
             self._acquire(fd, path)
             self._lock_fd, self._lock_depth = fd, 1
+            noted: Optional[str] = None
             try:
+                if self.index_unindexed:
+                    noted = self._index_unindexed(fd)
                 yield
             finally:
+                if noted is not None:
+                    self._note_dir_state(fd, noted)
                 self._lock_depth, self._lock_fd = 0, None
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
@@ -153,6 +184,63 @@ class FileStore:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.002)
+
+    # -- records nobody indexed (host-local's) ------------------------------------
+    def _index_unindexed(self, lock_fd: int) -> Optional[str]:
+        """Add every record missing from its owner's index there; return the directory
+        state the lock file notes, or None when something could not be read or written
+        (the next caller tries again).
+
+        Every writer, host-local included, holds the lock, and cni-ipam notes the
+        directory's mtime in the lock file as it lets go: the same mtime at the next
+        acquire means nobody else wrote, so the directory is read only after host-local
+        (or a cni-ipam killed mid-call) changed it. Best effort: the verb itself still
+        meets and reports any unreadable file it needs.
+        """
+        try:
+            state = _dir_state(self.dir)
+            if os.pread(lock_fd, 64, 0).decode("ascii", "replace").strip() == state:
+                return state
+            names = sorted(os.listdir(self.dir))
+        except OSError:
+            return None
+        complete = True
+        index: dict[Owner, list[IPAddress]] = {}
+        grown: set[Owner] = set()
+        for name in names:
+            ip = _parse_ip(name)
+            if ip is None:
+                continue
+            try:
+                data = self._read(os.path.join(self.dir, name))
+                if data is None:
+                    continue
+                record = self._decode(ip, data)
+                if record.damaged:
+                    continue
+                if record.owner not in index:
+                    index[record.owner] = self.owned_by(record.owner)
+                held = index[record.owner]
+                if ip not in held:
+                    held.append(ip)
+                    grown.add(record.owner)
+            except CNIError:
+                complete = False
+        for owner in sorted(grown):
+            try:
+                self.set_owned(owner, index[owner])
+            except CNIError:
+                complete = False
+        return state if complete and _write_note(lock_fd, state) else None
+
+    def _note_dir_state(self, lock_fd: int, noted: str) -> None:
+        """On letting go: note the changes this holder made, so the next one skips the scan."""
+        try:
+            state = _dir_state(self.dir)
+        except OSError:
+            return
+        if state != noted:
+            _write_note(lock_fd, state)
 
     # -- reservations ----------------------------------------------------------
     def _ip_path(self, ip: IPAddress) -> str:
@@ -191,6 +279,10 @@ class FileStore:
         cid, sep, ifname = text.partition("\r\n")
         if sep and cid.strip() and "\n" not in ifname:
             return Reservation(ip=ip, container_id=cid.strip(), ifname=ifname.strip())
+        # An older host-local's: the container ID alone. Its owner is (cid, ""): it names
+        # no ifname, and the allocator treats it as host-local does (any ifname of the cid).
+        if not sep and _CONTAINER_ID.match(text.strip()):
+            return Reservation(ip=ip, container_id=text.strip(), ifname="")
         log.warning("reservation file for %s in %s is damaged; the address stays blocked", ip, self.dir)
         return Reservation(ip=ip, container_id="", ifname="", damaged=True)
 

@@ -170,7 +170,7 @@ def test_lock_waits_for_a_short_holder(store, tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage\x00\xff", b"{\"containerID\": 5", b"[1, 2]",
-                                     b"{\"ifname\": \"eth0\"}", b"only-an-id\n"])
+                                     b"{\"ifname\": \"eth0\"}", b"not an id\n"])
 def test_damaged_files_are_held_and_flagged(store, tmp_path, content):
     store.ensure_dirs()
     (net_dir(tmp_path) / "10.0.0.2").write_bytes(content)
