@@ -472,12 +472,12 @@ class Worker:
             if _hung_up(conn):
                 self._abandoned(env, stdin, answer)
                 return
-            conn.settimeout(self.options.read_timeout)
-            _send(conn, answer)
-            if log.isEnabledFor(logging.DEBUG):
+            if log.isEnabledFor(logging.DEBUG):   # before the answer: a client that reads the log sees its call
                 log.debug("%s cid=%s if=%s -> exit %d (%.1f ms)", env.get("CNI_COMMAND", "?"),
                           env.get("CNI_CONTAINERID", "-"), env.get("CNI_IFNAME", "-"), answer["exit"],
                           (time.monotonic() - started) * 1000)
+            conn.settimeout(self.options.read_timeout)
+            _send(conn, answer)
 
     def _abandoned(self, env: dict, stdin: bytes, answer: dict) -> None:
         """The client went away during the call: nobody will read the answer."""
