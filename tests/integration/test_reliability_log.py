@@ -50,7 +50,7 @@ def test_ipam_logs_to_ipam_log_file_with_store_warnings(cni_host, tmp_path):
     log = tmp_path / "ipam.log"
     conf = ipam_conf(cni_host.data_dir, network="logged", subnet="10.82.0.0/28", logFile=str(log))
     (cni_host.data_dir / "logged").mkdir(parents=True)
-    (cni_host.data_dir / "logged" / "10.82.0.2").write_text("garbage")
+    (cni_host.data_dir / "logged" / "10.82.0.2").write_text("not a record")   # (a bare word reads as an old host-local record)
     res = cni_host.run("cni-ipam", "ADD", conf, container_id="c1", netns="/none")
     assert res.rc == 0, res.stdout
     assert "damaged" not in res.stderr                 # the logged skip went to the log
