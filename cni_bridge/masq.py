@@ -6,12 +6,14 @@ gone, and GC can tell which attachment every rule belongs to.
 """
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import shutil
 from typing import Iterable
 
 from .plan import MULTICAST, MasqPlan, masq_chain_name, masq_comment_network, parse_masq_comment
 from .protocol.errors import CNIError, Code
+from .protocol.result import IPAddress
 
 _TOOLS = {4: "iptables", 6: "ip6tables"}
 WAIT_SECONDS = "10"
@@ -93,6 +95,27 @@ def _delete_jumps(family: int, chain: str) -> None:
         args = shlex.split(line)
         if args[:2] == ["-A", "POSTROUTING"] and args[-2:] == ["-j", chain]:
             _run([tool, "-w", WAIT_SECONDS, "-t", "nat", "-D", "POSTROUTING"] + args[2:])
+
+
+def missing_jumps(network: str, container_id: str, ifname: str, sources: Iterable[IPAddress]) -> list[IPAddress]:
+    """The pod addresses whose POSTROUTING jump into the attachment's chain is gone.
+
+    Each IP family's table is read on its own: a dual-stack attachment whose IPv4
+    jump was deleted still has its IPv6 one, and that must not hide the loss.
+    """
+    chain = masq_chain_name(network, container_id, ifname)
+    by_family: dict[int, list[IPAddress]] = {}
+    for ip in sources:
+        by_family.setdefault(ip.version, []).append(ip)
+    missing = []
+    for family, ips in sorted(by_family.items()):
+        jumped = set()
+        for line in _rules(family, "POSTROUTING"):
+            args = shlex.split(line)
+            if args[:2] == ["-A", "POSTROUTING"] and args[-2:] == ["-j", chain] and "-s" in args[:-1]:
+                jumped.add(ipaddress.ip_network(args[args.index("-s") + 1], strict=False))
+        missing += [ip for ip in ips if ipaddress.ip_network(ip) not in jumped]
+    return missing
 
 
 def attachments(network: str) -> set[tuple[str, str]]:

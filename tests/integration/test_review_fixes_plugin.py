@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
-from tests.integration.cnitest import assert_cni_error, assert_nothing_left, links
+from tests.integration.cnitest import (
+    OUR_CHAIN_PREFIX, addr_of, assert_cni_error, assert_nothing_left, bridge_conf, links, with_prev,
+)
 
 DEEP = b"[" * 100000
 
@@ -35,3 +38,28 @@ def test_version_with_deeply_nested_stdin(cni, plugin):
     res = cni.run_bytes(plugin, DEEP, {"CNI_COMMAND": "VERSION"})
     assert res.rc == 0, res
     assert "1.1.0" in json.loads(res.stdout)["supportedVersions"]
+
+
+# -- CHECK sees a missing masquerade jump in each IP family ---------------------------------
+def _delete_postrouting_jumps(ns, tool: str) -> int:
+    """Delete every POSTROUTING jump of ours from one family's nat table; how many went."""
+    gone = 0
+    for line in ns.exec(tool, "-w", "5", "-t", "nat", "-S", "POSTROUTING").stdout.splitlines():
+        args = shlex.split(line)
+        if args[:2] == ["-A", "POSTROUTING"] and args[-1].startswith(OUR_CHAIN_PREFIX):
+            ns.exec(tool, "-w", "5", "-t", "nat", "-D", "POSTROUTING", *args[2:])
+            gone += 1
+    return gone
+
+
+@pytest.mark.parametrize("tool, family", [("iptables", 4), ("ip6tables", 6)])
+def test_check_fails_when_one_familys_masquerade_jump_is_gone(cni, pod, tool, family):
+    conf = bridge_conf(cni, "10.77.0.0/24", "fd77::/64", version="1.1.0", isGateway=True, ipMasq=True)
+    result = cni.add(conf, "c1", pod)
+    assert cni.check(conf, result, "c1", pod).rc == 0
+    assert _delete_postrouting_jumps(cni.ns, tool) == 1
+    err = cni.fails(107, "cni-bridge", "CHECK", with_prev(conf, result), "masquerade",
+                    container_id="c1", netns=pod.path)
+    assert addr_of(result, family) in err["msg"], err
+    cni.delete(conf, "c1", pod.path)
+    assert_nothing_left(cni)

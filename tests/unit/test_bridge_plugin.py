@@ -58,6 +58,9 @@ class HostEffects:
     def attachments(self, network):
         return {(c, i) for (n, c, i) in self.rules if n == network}
 
+    def missing_jumps(self, network, cid, ifname, sources):
+        return [] if (network, cid, ifname) in self.rules else list(sources)
+
     def missing_tools(self, versions):
         present = {4: self.iptables, 6: self.ip6tables}
         return [{4: "iptables", 6: "ip6tables"}[v] for v in sorted(versions) if not present[v]]
@@ -70,6 +73,7 @@ def host(monkeypatch) -> HostEffects:
     monkeypatch.setattr(masq, "setup", effects.setup)
     monkeypatch.setattr(masq, "teardown", effects.teardown)
     monkeypatch.setattr(masq, "attachments", effects.attachments)
+    monkeypatch.setattr(masq, "missing_jumps", effects.missing_jumps)
     monkeypatch.setattr(masq, "missing_tools", effects.missing_tools)
     monkeypatch.setattr(ipam.plugin, "current_boot_id", lambda: "boot-test")
     return effects
