@@ -2,7 +2,8 @@
 
 The chain name and rule comment derive from (network, container ID, ifname)
 alone, so DEL removes the rules even when the netns and its addresses are
-gone, and GC can tell which attachment every rule belongs to.
+gone. The chain name (a digest of all three) identifies the attachment; the
+comment says which network the rules belong to, so GC can tell them apart.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import shlex
 import shutil
 from typing import Iterable
 
-from .plan import MULTICAST, MasqPlan, masq_chain_name, masq_comment_network, parse_masq_comment
+from .plan import MASQ_CHAIN_PREFIX, MULTICAST, MasqPlan, masq_chain_name, masq_comment_network, masq_comment_owner
 from .protocol.errors import CNIError, Code
 from .protocol.result import IPAddress
 
@@ -70,9 +71,13 @@ def setup(plan: MasqPlan) -> None:
 
 def teardown(network: str, container_id: str, ifname: str) -> None:
     """Remove the attachment's jump rules and chain in both families; absent is fine."""
+    remove(masq_chain_name(network, container_id, ifname))
+
+
+def remove(chain: str) -> None:
+    """Remove one attachment's chain (as `attachments` names it) and its jumps; absent is fine."""
     if not available():
         return
-    chain = masq_chain_name(network, container_id, ifname)
     for family in (4, 6):
         if shutil.which(_TOOLS[family]) is None:
             continue
@@ -118,25 +123,28 @@ def missing_jumps(network: str, container_id: str, ifname: str, sources: Iterabl
     return missing
 
 
-def attachments(network: str) -> set[tuple[str, str]]:
-    """(container ID, ifname) of every masquerade rule this network has installed."""
-    found: set[tuple[str, str]] = set()
+def attachments(network: str) -> set[str]:
+    """The chains of every attachment this network has masquerade rules for.
+
+    Each is `plan.masq_chain_name(network, container ID, ifname)`, so GC compares them
+    with its live attachments' chains: that holds whatever the comment says, also for
+    rules of an earlier release whose comment iptables cut short. A chain whose jump
+    is already gone (a teardown that died half way) is found by its own rules.
+    """
+    found: set[str] = set()
     if not available():
         return found
+    owner = masq_comment_network(network)
     for family in (4, 6):
         if shutil.which(_TOOLS[family]) is None:
             continue
-        for line in _rules(family, "POSTROUTING"):
-            owner = _owner_of(shlex.split(line))
-            if owner and owner[0] == masq_comment_network(network):
-                found.add((owner[1], owner[2]))
+        for line in _rules(family):
+            args = shlex.split(line)
+            if args[:1] != ["-A"] or "--comment" not in args[:-1]:
+                continue
+            if masq_comment_owner(args[args.index("--comment") + 1]) != owner:
+                continue
+            chain = args[1] if args[1] != "POSTROUTING" else args[-1]
+            if chain.startswith(MASQ_CHAIN_PREFIX):
+                found.add(chain)
     return found
-
-
-def _owner_of(args: Iterable[str]) -> tuple[str, str, str] | None:
-    args = list(args)
-    if "--comment" in args:
-        index = args.index("--comment")
-        if index + 1 < len(args):
-            return parse_masq_comment(args[index + 1])
-    return None

@@ -9,7 +9,7 @@ from . import ipam_client, masq, sysctl
 from .faults import point
 from .confbase import load
 from .config import BridgeConf
-from .plan import AttachmentPlan, configured_ip_versions, host_veth_name, plan_attachment
+from .plan import AttachmentPlan, configured_ip_versions, host_veth_name, masq_chain_name, plan_attachment
 from .protocol.errors import CNIError, Code
 from .protocol.result import Interface, Result
 from .protocol.runner import Request
@@ -182,15 +182,16 @@ class BridgePlugin:
         except CNIError as err:
             problems.append(f"IPAM: {err}")
         try:
-            stale = masq.attachments(conf.name) - keep
+            # Attachments are compared by chain: a comment may hold a digest of a long ID.
+            stale = masq.attachments(conf.name) - {masq_chain_name(conf.name, *owner) for owner in keep}
         except CNIError as err:
             problems.append(f"masquerade rules: {err}")
             stale = set()
-        for container_id, ifname in sorted(stale):
+        for chain in sorted(stale):
             try:
-                masq.teardown(conf.name, container_id, ifname)
+                masq.remove(chain)
             except CNIError as err:
-                problems.append(f"masquerade rules of {container_id}/{ifname}: {err}")
+                problems.append(f"masquerade chain {chain}: {err}")
         if problems:
             raise CNIError(Code.IO_FAILURE, "GC could not remove everything", "; ".join(problems))
 

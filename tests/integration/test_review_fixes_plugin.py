@@ -6,8 +6,10 @@ import shlex
 
 import pytest
 
+from cni_bridge.plan import masq_chain_name
 from tests.integration.cnitest import (
-    OUR_CHAIN_PREFIX, addr_of, assert_cni_error, assert_nothing_left, bridge_conf, links, with_prev,
+    OUR_CHAIN_PREFIX, addr_of, assert_cni_error, assert_nothing_left, bridge_conf, links, our_chains,
+    our_masq_rules, with_prev,
 )
 
 DEEP = b"[" * 100000
@@ -63,3 +65,71 @@ def test_check_fails_when_one_familys_masquerade_jump_is_gone(cni, pod, tool, fa
     assert addr_of(result, family) in err["msg"], err
     cni.delete(conf, "c1", pod.path)
     assert_nothing_left(cni)
+
+
+# -- masquerade comments stay within iptables' 255 characters --------------------------------
+# CNI_CONTAINERID has no length limit. 230 characters make the earlier comment 262 long;
+# much longer IDs do not fit cni-ipam's owners/<cid>:<ifname> file name (NAME_MAX).
+LONG_CID = "c" * 229
+
+
+def _comments(ns) -> list[str]:
+    found = []
+    for line in our_masq_rules(ns):
+        args = shlex.split(line)
+        if "--comment" in args:
+            found.append(args[args.index("--comment") + 1])
+    return found
+
+
+def test_long_container_id_masquerade_rules_are_found_by_check_gc_and_del(cni, make_netns):
+    conf = bridge_conf(cni, "10.77.0.0/24", "fd77::/64", version="1.1.0", isGateway=True, ipMasq=True)
+    live, stale = LONG_CID + "1", LONG_CID + "2"
+    pods = {cid: make_netns("p") for cid in (live, stale)}
+    results = {cid: cni.add(conf, cid, p) for cid, p in pods.items()}
+    comments = _comments(cni.ns)
+    assert comments and all(len(c) <= 255 for c in comments), comments
+    assert all(c.endswith(" if=eth0") for c in comments), comments   # not cut by iptables
+    assert len({c for c in comments}) == 2                              # the two attachments differ
+    for cid, p in pods.items():
+        assert cni.check(conf, results[cid], cid, p).rc == 0
+
+    cni.ok("cni-bridge", "GC", {**conf, "cni.dev/valid-attachments": [{"containerID": live, "ifname": "eth0"}]})
+    assert len(our_chains(cni.ns)) == 2   # live's chain, one per family
+    rules = "\n".join(our_masq_rules(cni.ns))
+    assert addr_of(results[live], 4) in rules and addr_of(results[stale], 4) not in rules
+    assert cni.check(conf, results[live], live, pods[live]).rc == 0
+    cni.delete(conf, stale, pods[stale].path)
+    cni.delete(conf, live, pods[live].path)
+    assert_nothing_left(cni)
+
+
+def _install_legacy_rules(ns, network: str, cid: str, ip: str) -> None:
+    """Rules as the earlier release wrote them: the comment held the whole container ID,
+    and iptables cut it at 255 characters (the ifname, even part of the ID, was lost)."""
+    chain = masq_chain_name(network, cid, "eth0")
+    comment = f'"cni-bridge net={network} id={cid} if=eth0"'
+    script = "\n".join(["*nat", f":{chain} - [0:0]",
+                        f"-A {chain} -d 10.77.0.0/24 -m comment --comment {comment} -j ACCEPT",
+                        f"-A {chain} ! -d 224.0.0.0/4 -m comment --comment {comment} -j MASQUERADE",
+                        f"-A POSTROUTING -s {ip}/32 -m comment --comment {comment} -j {chain}",
+                        "COMMIT", ""])
+    ns.exec("iptables-restore", "-w", "5", "--noflush", input=script)
+
+
+@pytest.mark.parametrize("cid_length", [64, 224, 230, 300])
+def test_gc_removes_stale_rules_of_the_earlier_comment_format(cni, cid_length):
+    """Upgrade path: rules left by the earlier release (whole ID in the comment, cut by
+    iptables when too long) are still told apart by GC, kept when live, removed when stale."""
+    conf = bridge_conf(cni, version="1.1.0", ipMasq=True)
+    live, stale = "l" * cid_length, "s" * cid_length
+    _install_legacy_rules(cni.ns, conf["name"], live, "10.77.0.5")
+    _install_legacy_rules(cni.ns, conf["name"], stale, "10.77.0.6")
+    _install_legacy_rules(cni.ns, "othernet", stale, "10.77.0.7")   # another network's: not ours to GC
+    assert len(our_chains(cni.ns)) == 3
+    cni.ok("cni-bridge", "GC", {**conf, "cni.dev/valid-attachments": [{"containerID": live, "ifname": "eth0"}]})
+    assert our_chains(cni.ns) == sorted([masq_chain_name(conf["name"], live, "eth0"),
+                                         masq_chain_name("othernet", stale, "eth0")])
+    if cid_length <= len(LONG_CID) + 1:   # longer IDs exceed cni-ipam's owners/ file name limit
+        cni.delete(conf, live)
+        assert our_chains(cni.ns) == [masq_chain_name("othernet", stale, "eth0")]

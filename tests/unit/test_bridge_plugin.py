@@ -56,7 +56,10 @@ class HostEffects:
         self.masq_teardown.append((network, cid, ifname))
 
     def attachments(self, network):
-        return {(c, i) for (n, c, i) in self.rules if n == network}
+        return {masq_chain_name(n, c, i) for (n, c, i) in self.rules if n == network}
+
+    def remove(self, chain):
+        self.masq_teardown += [rule for rule in sorted(self.rules) if masq_chain_name(*rule) == chain]
 
     def missing_jumps(self, network, cid, ifname, sources):
         return [] if (network, cid, ifname) in self.rules else list(sources)
@@ -73,6 +76,7 @@ def host(monkeypatch) -> HostEffects:
     monkeypatch.setattr(masq, "setup", effects.setup)
     monkeypatch.setattr(masq, "teardown", effects.teardown)
     monkeypatch.setattr(masq, "attachments", effects.attachments)
+    monkeypatch.setattr(masq, "remove", effects.remove)
     monkeypatch.setattr(masq, "missing_jumps", effects.missing_jumps)
     monkeypatch.setattr(masq, "missing_tools", effects.missing_tools)
     monkeypatch.setattr(ipam.plugin, "current_boot_id", lambda: "boot-test")

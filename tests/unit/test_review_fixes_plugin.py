@@ -35,3 +35,27 @@ def test_logged_run_survives_deeply_nested_stdin(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     rc = run_logged("cni-bridge", loader(FakePlugin()), cni_env("ADD"), DEEP, out, BRIDGE_LOG_KEYS, err)
     assert rc == 1 and '"code": 6' in out.getvalue()
+
+
+# -- masquerade comments fit iptables' 255 characters -------------------------------------
+def test_masq_comment_is_bounded_for_any_container_id_and_names_its_network():
+    from cni_bridge.plan import masq_comment, masq_comment_network, masq_comment_owner, parse_masq_comment
+
+    for cid in ("c" * 224, "c" * 300, "c" * 5000):
+        comment = masq_comment("n" * 500, cid, "a" * 15)
+        assert len(comment) <= 166
+        net, cid_field, ifname = parse_masq_comment(comment)
+        assert (net, ifname) == (masq_comment_network("n" * 500), "a" * 15)
+        assert cid_field.startswith("sha256:")
+        assert masq_comment_owner(comment) == net
+    assert masq_comment("n", "c" * 300, "eth0") != masq_comment("n", "c" * 301, "eth0")
+    assert parse_masq_comment(masq_comment("pods", "c" * 64, "eth0")) == ("pods", "c" * 64, "eth0")
+
+
+def test_masq_comment_owner_reads_comments_the_earlier_release_let_iptables_cut():
+    from cni_bridge.plan import masq_comment_owner
+
+    earlier = f"cni-bridge net=pods id={'c' * 300} if=eth0"[:255]
+    assert masq_comment_owner(earlier) == "pods"
+    assert masq_comment_owner("cni-bridge agent: masquerade pod traffic leaving the cluster") is None
+    assert masq_comment_owner('name: "pods" id: "c1"') is None
