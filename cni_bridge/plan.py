@@ -172,6 +172,11 @@ def plan_attachment(conf: BridgeConf, container_id: str, ifname: str,
             if addr not in seen:
                 seen.append(addr)
         gateway_addresses = tuple(seen)
+        for ip in ips:
+            if any(gateway.ip == ip.address.ip for gateway in gateway_addresses):
+                raise CNIError(Code.BRIDGE_CONFLICT,
+                               f"IPAM gave the pod {ip.address.ip}, the gateway address bridge {conf.bridge} gets",
+                               "set the IPAM gateway, or a range that leaves the gateway out")
 
     families = tuple(sorted({ip.family for ip in ips})) if (conf.is_gateway or conf.ip_masq) else ()
     masq = None

@@ -60,6 +60,8 @@ class BridgePlugin:
                 plan = plan_attachment(conf, cmd.container_id, cmd.ifname, dict(cmd.args), ipam_result)
 
                 bridge = host.ensure_bridge(plan.bridge, plan.mtu, plan.promisc)
+                held = {v: host.addresses(plan.bridge, v) for v in sorted({a.version for a in plan.addresses})}
+                self._refuse_bridge_addresses(plan, held)
                 point("add.bridge-ready")
                 host.delete_link(plan.host_veth)  # left by an earlier ADD of this attachment that died
                 undo.callback(_quietly(host.delete_link, plan.host_veth))
@@ -77,7 +79,7 @@ class BridgePlugin:
                 point("add.routes-set")
 
                 for gateway in plan.gateway_addresses:
-                    self._ensure_gateway(host, plan, gateway)
+                    self._ensure_gateway(host, plan, gateway, held[gateway.version])
                 point("add.gateway-set")
                 sysctl.enable_forwarding(plan.forwarding)
                 point("add.forwarding-set")
@@ -92,8 +94,21 @@ class BridgePlugin:
                 return result
 
     @staticmethod
-    def _ensure_gateway(host: Any, plan: AttachmentPlan, gateway: Any) -> None:
-        for present in host.addresses(plan.bridge, gateway.version):
+    def _refuse_bridge_addresses(plan: AttachmentPlan, held: dict[int, list[Any]]) -> None:
+        """Networks sharing a bridge may have overlapping subnets, and one's IPAM can hand
+        out the address another put on the bridge as its gateway. Refuse it before the pod
+        announces it; the rollback frees the reservation and IPAM's round-robin moves on."""
+        for address in plan.addresses:
+            if any(present.ip == address.ip for present in held[address.version]):
+                raise CNIError(Code.BRIDGE_CONFLICT,
+                               f"IPAM gave the pod {address.ip}, which bridge {plan.bridge} holds",
+                               "another network on this bridge uses it (as its gateway?): give the networks "
+                               "sharing a bridge ranges that exclude each other's gateways, or their own bridges")
+
+    @staticmethod
+    def _ensure_gateway(host: Any, plan: AttachmentPlan, gateway: Any, held: list[Any]) -> None:
+        """`held`: the bridge's addresses of the gateway's IP version, read earlier in this ADD."""
+        for present in held:
             if present == gateway:
                 return
             if present.version == gateway.version and present.network == gateway.network:

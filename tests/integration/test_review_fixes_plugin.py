@@ -8,9 +8,10 @@ import pytest
 
 from cni_bridge.plan import masq_chain_name
 from tests.integration.cnitest import (
-    OUR_CHAIN_PREFIX, addr_of, assert_cni_error, assert_nothing_left, bridge_conf, links, our_chains,
-    our_masq_rules, with_prev,
+    OUR_CHAIN_PREFIX, addr_of, addresses, assert_cni_error, assert_nothing_left, bridge_conf, link,
+    links, our_chains, our_masq_rules, ping, reserved_ips, veths, with_prev,
 )
+from tests.support.netns import unique
 
 DEEP = b"[" * 100000
 
@@ -133,3 +134,34 @@ def test_gc_removes_stale_rules_of_the_earlier_comment_format(cni, cid_length):
     if cid_length <= len(LONG_CID) + 1:   # longer IDs exceed cni-ipam's owners/ file name limit
         cni.delete(conf, live)
         assert our_chains(cni.ns) == [masq_chain_name("othernet", stale, "eth0")]
+
+
+# -- overlapping subnets on one bridge: no pod gets an address the bridge holds -------------
+def test_add_refuses_an_address_the_bridge_holds_and_leaves_nothing(cni, make_netns):
+    bridge = unique("br")
+    # Network A puts its gateway 10.77.1.1 on the bridge; network B, same subnet on the same
+    # bridge with its gateway elsewhere, hands out 10.77.1.1 first.
+    conf_a = bridge_conf(cni, "10.77.1.0/24", bridge=bridge, isGateway=True)
+    conf_b = {**bridge_conf(cni, bridge=bridge, ipMasq=True), "name": "netb"}
+    conf_b["ipam"]["ranges"] = [[{"subnet": "10.77.1.0/24", "gateway": "10.77.1.254"}]]
+    pa, pb = make_netns("p"), make_netns("p")
+    cni.add(conf_a, "a1", pa)
+    bridge_before = addresses(cni.ns, bridge)
+    veths_before, links_before = veths(cni.ns), set(links(cni.ns))
+    assert bridge_before == ["10.77.1.1/24"]
+
+    err = cni.fails(104, "cni-bridge", "ADD", conf_b, "10.77.1.1", bridge,
+                    container_id="b1", netns=pb.path)
+    assert link(pb, "eth0") is None
+    assert reserved_ips(cni, "netb") == set()
+    assert veths(cni.ns) == veths_before and set(links(cni.ns)) == links_before
+    assert our_masq_rules(cni.ns) == []
+    assert addresses(cni.ns, bridge) == bridge_before, err
+    assert ping(pa, "10.77.1.1").returncode == 0   # A's pods still reach their gateway
+
+    # The runtime's retry gets the next address (IPAM's round-robin moved on).
+    result_b = cni.add(conf_b, "b1", pb)
+    assert addr_of(result_b) != "10.77.1.1"
+    cni.delete(conf_b, "b1", pb.path)
+    cni.delete(conf_a, "a1", pa.path)
+    assert reserved_ips(cni, "netb") == set()

@@ -6,6 +6,7 @@ import pytest
 from cni_bridge.protocol.errors import Code
 
 from .helpers import cni_env, run_plugin
+from .test_bridge_plugin import assert_nothing_left, config, host, kernel, plugin  # noqa: F401  (fixtures)
 from .test_runner import FakePlugin, loader
 
 DEEP = b"[" * 100000
@@ -59,3 +60,42 @@ def test_masq_comment_owner_reads_comments_the_earlier_release_let_iptables_cut(
     assert masq_comment_owner(earlier) == "pods"
     assert masq_comment_owner("cni-bridge agent: masquerade pod traffic leaving the cluster") is None
     assert masq_comment_owner('name: "pods" id: "c1"') is None
+
+
+# -- no pod address the bridge holds -------------------------------------------------------
+def test_plan_refuses_a_pod_address_that_is_its_own_gateway():
+    """An IPAM result without a gateway makes the subnet's first address the bridge's;
+    an IPAM that handed out that address must not have it on the pod too."""
+    import ipaddress
+
+    from cni_bridge.confbase import load
+    from cni_bridge.config import BridgeConf
+    from cni_bridge.plan import plan_attachment
+    from cni_bridge.protocol.errors import CNIError
+    from cni_bridge.protocol.result import IPConfig, Result
+
+    conf = load(BridgeConf, {"cniVersion": "1.0.0", "name": "pods", "type": "cni-bridge", "bridge": "br0",
+                             "isGateway": True, "ipam": {"type": "other-ipam"}})
+    first = Result(ips=(IPConfig(ipaddress.ip_interface("10.22.0.1/16"), None),))
+    with pytest.raises(CNIError) as info:
+        plan_attachment(conf, "c1", "eth0", {}, first)
+    assert info.value.code == Code.BRIDGE_CONFLICT and "10.22.0.1" in info.value.msg
+    second = Result(ips=(IPConfig(ipaddress.ip_interface("10.22.0.2/16"), None),))
+    assert plan_attachment(conf, "c1", "eth0", {}, second).gateway_addresses == (
+        ipaddress.ip_interface("10.22.0.1/16"),)
+
+
+def test_add_refuses_an_address_the_bridge_holds_and_rolls_back(plugin, kernel, host, config, tmp_path):
+    """Another network on the bridge holds 10.22.0.2 (its gateway, in 10.22.0.0/24);
+    this network's IPAM (10.22.0.0/16) hands it out first."""
+    import ipaddress
+
+    bridge = kernel.new_link(kernel.host, "cni0", "bridge", up=True)
+    bridge.addresses.append(ipaddress.ip_interface("10.22.0.2/24"))
+    rc, out, err = run_plugin(lambda: plugin, cni_env("ADD"), config)
+    assert rc == 1 and out["code"] == Code.BRIDGE_CONFLICT, out
+    assert "10.22.0.2" in out["msg"] and "cni0" in out["msg"] and "Traceback" not in err
+    assert_nothing_left(kernel, tmp_path)
+    assert bridge.addresses == [ipaddress.ip_interface("10.22.0.2/24")]   # nothing added to the bridge either
+    assert host.masq_setup == [] and host.forwarding == []
+    assert ("add_veth" not in {m for _, m in kernel.calls})                # refused before any link was made
