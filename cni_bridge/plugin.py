@@ -60,6 +60,7 @@ class BridgePlugin:
                 plan = plan_attachment(conf, cmd.container_id, cmd.ifname, dict(cmd.args), ipam_result)
 
                 bridge = host.ensure_bridge(plan.bridge, plan.mtu, plan.promisc)
+                sysctl.refuse_router_advertisements(plan.bridge)
                 held = {v: host.addresses(plan.bridge, v) for v in sorted({a.version for a in plan.addresses})}
                 self._refuse_bridge_addresses(plan, held)
                 point("add.bridge-ready")
@@ -70,6 +71,7 @@ class BridgePlugin:
                 host.attach(plan.host_veth, plan.bridge, plan.hairpin)
                 point("add.veth-attached")
 
+                container.set_arp_notify(cmd.ifname)
                 for address in plan.addresses:
                     container.add_address(cmd.ifname, address)
                 point("add.addresses-set")
@@ -88,6 +90,10 @@ class BridgePlugin:
                     masq.setup(plan.masq)
                     point("add.masq-set")
 
+                if any(address.version == 4 for address in plan.addresses):
+                    # Neighbours may hold a reused address with the previous pod's MAC.
+                    host.wait_port_forwarding(plan.host_veth)
+                    container.announce(cmd.ifname)
                 result = self._result(plan, host, container, cmd.netns, bridge.name)
                 point("add.result-ready")
                 undo.pop_all()

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import shlex
+import time
 
 import pytest
 
 from cni_bridge.plan import masq_chain_name
 from tests.integration.cnitest import (
     OUR_CHAIN_PREFIX, addr_of, addresses, assert_cni_error, assert_nothing_left, bridge_conf, link,
-    links, our_chains, our_masq_rules, ping, reserved_ips, veths, with_prev,
+    links, our_chains, our_masq_rules, ping, reserved_ips, sysfs, veths, with_prev,
 )
 from tests.support.netns import unique
 
@@ -165,3 +166,53 @@ def test_add_refuses_an_address_the_bridge_holds_and_leaves_nothing(cni, make_ne
     cni.delete(conf_b, "b1", pb.path)
     cni.delete(conf_a, "a1", pa.path)
     assert reserved_ips(cni, "netb") == set()
+
+
+# -- accept_ra=0 on the bridge, arp_notify=1 on the pod interface ---------------------------
+def test_add_disables_router_advertisements_on_the_bridge_and_sets_arp_notify(cni, pod, make_netns):
+    bridge = unique("br")
+    # A bridge made by someone else keeps the kernel's accept_ra=1 until an ADD ensures it.
+    cni.ns.exec("ip", "link", "add", bridge, "type", "bridge")
+    assert sysfs(cni.ns, f"/proc/sys/net/ipv6/conf/{bridge}/accept_ra") == "1"
+    conf = bridge_conf(cni, "10.77.0.0/24", "fd77::/64", bridge=bridge, isGateway=True)
+    cni.add(conf, "c1", pod)
+    assert sysfs(cni.ns, f"/proc/sys/net/ipv6/conf/{bridge}/accept_ra") == "0"
+    assert sysfs(pod, "/proc/sys/net/ipv4/conf/eth0/arp_notify") == "1"
+    # Written in the namespaces of the bridge and of the pod, nowhere else.
+    assert sysfs(pod, "/proc/sys/net/ipv4/conf/lo/arp_notify") == "0"
+    other = make_netns("p")
+    cni.add(bridge_conf(cni, "10.78.0.0/24", isGateway=True), "c2", other, ifname="net1")
+    assert sysfs(other, "/proc/sys/net/ipv4/conf/net1/arp_notify") == "1"
+    assert link(cni.ns, "net1") is None and link(pod, "net1") is None
+
+
+def test_bridge_created_by_add_has_accept_ra_0_even_without_ipv6_ranges(cni, pod):
+    conf = bridge_conf(cni, "10.77.0.0/24")
+    cni.add(conf, "c1", pod)
+    assert sysfs(cni.ns, f"/proc/sys/net/ipv6/conf/{conf['bridge']}/accept_ra") == "0"
+
+
+def _neighbour_mac(ns, ip: str) -> str:
+    entries = json.loads(ns.exec("ip", "-j", "neigh", "show", ip).stdout or "[]")
+    return entries[0].get("lladdr", "") if entries else ""
+
+
+def test_reused_address_is_announced_to_neighbours_at_once(cni, make_netns):
+    """A neighbour that cached a reused IP with the old pod's MAC learns the new MAC from the
+    new pod's gratuitous ARP (arp_notify) instead of after its entry goes stale (~10 s)."""
+    conf = bridge_conf(cni, "10.77.0.0/24", isGateway=True)
+    client, old, new = make_netns("p"), make_netns("p"), make_netns("p")
+    cni.add(conf, "client", client)
+    reused = addr_of(cni.add(conf, "old", old))
+    assert ping(client, reused).returncode == 0
+    old_mac = link(old, "eth0")["address"]
+    assert _neighbour_mac(client, reused) == old_mac
+    cni.delete(conf, "old", old.path)
+
+    cni.add(conf, "new", new, cni_args=f"IP={reused}")
+    new_mac = link(new, "eth0")["address"]
+    assert new_mac != old_mac
+    deadline = time.monotonic() + 2
+    while _neighbour_mac(client, reused) != new_mac and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _neighbour_mac(client, reused) == new_mac

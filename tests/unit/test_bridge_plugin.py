@@ -34,6 +34,7 @@ class HostEffects:
 
     def __init__(self) -> None:
         self.forwarding: list[tuple[int, ...]] = []
+        self.accept_ra_refused: list[str] = []
         self.masq_setup: list = []
         self.masq_teardown: list[tuple[str, str, str]] = []
         self.rules: set[tuple[str, str, str]] = set()   # (network, cid, ifname) of installed chains
@@ -46,6 +47,9 @@ class HostEffects:
         if self.fail_forwarding:
             raise self.fail_forwarding
         self.forwarding.append(tuple(families))
+
+    def refuse_router_advertisements(self, bridge):
+        self.accept_ra_refused.append(bridge)
 
     def setup(self, plan):
         self.masq_setup.append(plan)
@@ -73,6 +77,7 @@ class HostEffects:
 def host(monkeypatch) -> HostEffects:
     effects = HostEffects()
     monkeypatch.setattr(sysctl, "enable_forwarding", effects.enable_forwarding)
+    monkeypatch.setattr(sysctl, "refuse_router_advertisements", effects.refuse_router_advertisements)
     monkeypatch.setattr(masq, "setup", effects.setup)
     monkeypatch.setattr(masq, "teardown", effects.teardown)
     monkeypatch.setattr(masq, "attachments", effects.attachments)

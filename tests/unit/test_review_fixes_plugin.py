@@ -5,7 +5,7 @@ import pytest
 
 from cni_bridge.protocol.errors import Code
 
-from .helpers import cni_env, run_plugin
+from .helpers import NETNS, cni_env, run_plugin
 from .test_bridge_plugin import assert_nothing_left, config, host, kernel, plugin  # noqa: F401  (fixtures)
 from .test_runner import FakePlugin, loader
 
@@ -99,3 +99,80 @@ def test_add_refuses_an_address_the_bridge_holds_and_rolls_back(plugin, kernel, 
     assert bridge.addresses == [ipaddress.ip_interface("10.22.0.2/24")]   # nothing added to the bridge either
     assert host.masq_setup == [] and host.forwarding == []
     assert ("add_veth" not in {m for _, m in kernel.calls})                # refused before any link was made
+
+
+# -- accept_ra=0 on the bridge, arp_notify=1 on the pod interface before it is up ----------
+def test_add_refuses_router_advertisements_and_announces_the_pod_address(plugin, kernel, host, config):
+    import ipaddress
+
+    run_plugin(lambda: plugin, cni_env("ADD"), config)
+    assert host.accept_ra_refused == ["cni0"]
+    eth0 = kernel.ns(NETNS).links["eth0"]
+    assert eth0.arp_notify and eth0.announced == [ipaddress.ip_address("10.22.0.2")]
+    calls = [m for _, m in kernel.calls]
+    assert calls.index("set_arp_notify") < calls.index("set_up")
+    # The explicit announcement goes once the bridge forwards from the pod's port.
+    assert calls.index("set_up") < calls.index("wait_port_forwarding") < calls.index("announce")
+
+
+def test_ipv6_only_pod_makes_no_ipv4_announcement(plugin, kernel, host, config):
+    config["ipam"]["ranges"] = [[{"subnet": "fd22::/64"}]]
+    run_plugin(lambda: plugin, cni_env("ADD"), config)
+    calls = [m for _, m in kernel.calls]
+    assert "set_arp_notify" in calls and "announce" not in calls and "wait_port_forwarding" not in calls
+
+
+def test_sysctl_set_link_tolerates_a_missing_file_and_reports_other_errors(monkeypatch, tmp_path):
+    import builtins
+
+    from cni_bridge import sysctl
+    from cni_bridge.protocol.errors import CNIError
+
+    real_open = builtins.open
+    conf = tmp_path / "net/ipv6/conf/br0"
+    conf.mkdir(parents=True)
+    (conf / "accept_ra").write_text("1\n")
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(
+        str(path).replace("/proc/sys", str(tmp_path)), *a, **k))
+    sysctl.refuse_router_advertisements("br0")
+    assert (conf / "accept_ra").read_text() == "0"
+    sysctl.refuse_router_advertisements("nosuch0")            # IPv6 disabled: nothing to refuse
+    assert sysctl.set_link(6, "nosuch0", "accept_ra", "0") is False
+    (conf / "accept_ra").write_text("1")
+
+    def read_only(path, mode="r", *a, **k):   # /proc/sys mounted read-only
+        if "w" in mode:
+            raise PermissionError(13, "Read-only file system")
+        return real_open(str(path).replace("/proc/sys", str(tmp_path)), mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    with pytest.raises(CNIError) as info:
+        sysctl.refuse_router_advertisements("br0")
+    assert info.value.code == Code.IO_FAILURE and "accept_ra" in info.value.msg
+
+
+@pytest.mark.parametrize("states, expected, reads", [
+    (["0", "0", "3"], True, 3),     # enabled a moment after the carrier came up
+    (["3"], True, 1),
+    (["1"], False, 1),              # STP listening: seconds away, not worth a wait
+    ([], False, 1),                 # no such file: sysfs shows another namespace
+])
+def test_wait_port_forwarding_reads_sysfs(monkeypatch, states, expected, reads):
+    import builtins
+    import io
+
+    from cni_bridge.netlink import Netlink
+
+    seen = []
+
+    def fake_open(path, *a, **k):
+        seen.append(path)
+        assert path == "/sys/class/net/veth0/brport/state"
+        if not states:
+            raise FileNotFoundError(2, "No such file or directory")
+        return io.StringIO(states.pop(0) + "\n")
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    handle = Netlink.__new__(Netlink)   # no socket needed: sysfs only
+    assert handle.wait_port_forwarding("veth0") is expected
+    assert len(seen) == reads
