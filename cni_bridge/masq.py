@@ -12,7 +12,8 @@ import shlex
 import shutil
 from typing import Iterable
 
-from .plan import MASQ_CHAIN_PREFIX, MULTICAST, MasqPlan, masq_chain_name, masq_comment_network, masq_comment_owner
+from .plan import (COMMENT_PREFIX, MASQ_CHAIN_PREFIX, MULTICAST, MasqPlan, masq_chain_name, masq_comment_network,
+                   masq_comment_owner)
 from .protocol.errors import CNIError, Code
 from .protocol.result import IPAddress
 
@@ -94,10 +95,19 @@ def _rules(family: int, chain: str = "") -> list[str]:
     return _run(argv).splitlines()
 
 
+def _split(line: str) -> list[str]:
+    """An `iptables -S` line as argv; [] for one that does not split (another program's
+    rule must not make GC or CHECK fail)."""
+    try:
+        return shlex.split(line)
+    except ValueError:
+        return []
+
+
 def _delete_jumps(family: int, chain: str) -> None:
     tool = _tool(family)
     for line in _rules(family, "POSTROUTING"):
-        args = shlex.split(line)
+        args = _split(line)
         if args[:2] == ["-A", "POSTROUTING"] and args[-2:] == ["-j", chain]:
             _run([tool, "-w", WAIT_SECONDS, "-t", "nat", "-D", "POSTROUTING"] + args[2:])
 
@@ -116,7 +126,7 @@ def missing_jumps(network: str, container_id: str, ifname: str, sources: Iterabl
     for family, ips in sorted(by_family.items()):
         jumped = set()
         for line in _rules(family, "POSTROUTING"):
-            args = shlex.split(line)
+            args = _split(line)
             if args[:2] == ["-A", "POSTROUTING"] and args[-2:] == ["-j", chain] and "-s" in args[:-1]:
                 jumped.add(ipaddress.ip_network(args[args.index("-s") + 1], strict=False))
         missing += [ip for ip in ips if ipaddress.ip_network(ip) not in jumped]
@@ -139,7 +149,9 @@ def attachments(network: str) -> set[str]:
         if shutil.which(_TOOLS[family]) is None:
             continue
         for line in _rules(family):
-            args = shlex.split(line)
+            if f"{COMMENT_PREFIX} net=" not in line:   # the whole table: split only our lines
+                continue
+            args = _split(line)
             if args[:1] != ["-A"] or "--comment" not in args[:-1]:
                 continue
             if masq_comment_owner(args[args.index("--comment") + 1]) != owner:
