@@ -15,11 +15,11 @@ DEEP = b"[" * 100000
 # -- stdin nested deeper than the recursion limit ----------------------------------------
 @pytest.mark.parametrize("command", ["ADD", "DEL", "CHECK", "GC", "STATUS"])
 def test_deeply_nested_stdin_is_code_6(command):
-    plugin = FakePlugin()
-    rc, out, err = run_plugin(loader(plugin), cni_env(command), stdin=DEEP)
+    fake = FakePlugin()
+    rc, out, err = run_plugin(loader(fake), cni_env(command), stdin=DEEP)
     assert rc == 1 and out["code"] == Code.DECODE_FAILURE, out
     assert "nested too deeply" in out["details"]
-    assert "Traceback" not in err and plugin.calls == []
+    assert "Traceback" not in err and fake.calls == []
 
 
 def test_version_with_deeply_nested_stdin_still_answers():
