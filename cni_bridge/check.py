@@ -50,5 +50,8 @@ def verify_attachment(conf: BridgeConf, cmd: CmdArgs, prev: Result, host: Any, c
         if (route.dst, route.gw) not in kernel and not (route.gw is None and route.dst in kernel_dsts):
             raise _fail(f"route to {route.dst} is missing in {cmd.netns}")
 
-    if conf.ip_masq and (cmd.container_id, cmd.ifname) not in masq.attachments(conf.name):
-        raise _fail(f"masquerade rules for {cmd.container_id}/{cmd.ifname} are missing")
+    if conf.ip_masq:
+        missing = masq.missing_jumps(conf.name, cmd.container_id, cmd.ifname, [ip.address.ip for ip in prev.ips])
+        if missing:
+            raise _fail(f"masquerade rules for {', '.join(map(str, missing))} "
+                        f"({cmd.container_id}/{cmd.ifname}) are missing")

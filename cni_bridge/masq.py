@@ -2,16 +2,20 @@
 
 The chain name and rule comment derive from (network, container ID, ifname)
 alone, so DEL removes the rules even when the netns and its addresses are
-gone, and GC can tell which attachment every rule belongs to.
+gone. The chain name (a digest of all three) identifies the attachment; the
+comment says which network the rules belong to, so GC can tell them apart.
 """
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import shutil
 from typing import Iterable
 
-from .plan import MULTICAST, MasqPlan, masq_chain_name, masq_comment_network, parse_masq_comment
+from .plan import (COMMENT_PREFIX, MASQ_CHAIN_PREFIX, MULTICAST, MasqPlan, masq_chain_name, masq_comment_network,
+                   masq_comment_owner)
 from .protocol.errors import CNIError, Code
+from .protocol.result import IPAddress
 
 _TOOLS = {4: "iptables", 6: "ip6tables"}
 WAIT_SECONDS = "10"
@@ -68,9 +72,13 @@ def setup(plan: MasqPlan) -> None:
 
 def teardown(network: str, container_id: str, ifname: str) -> None:
     """Remove the attachment's jump rules and chain in both families; absent is fine."""
+    remove(masq_chain_name(network, container_id, ifname))
+
+
+def remove(chain: str) -> None:
+    """Remove one attachment's chain (as `attachments` names it) and its jumps; absent is fine."""
     if not available():
         return
-    chain = masq_chain_name(network, container_id, ifname)
     for family in (4, 6):
         if shutil.which(_TOOLS[family]) is None:
             continue
@@ -87,33 +95,68 @@ def _rules(family: int, chain: str = "") -> list[str]:
     return _run(argv).splitlines()
 
 
+def _split(line: str) -> list[str]:
+    """An `iptables -S` line as argv; [] for one that does not split (another program's
+    rule must not make GC or CHECK fail)."""
+    try:
+        return shlex.split(line)
+    except ValueError:
+        return []
+
+
 def _delete_jumps(family: int, chain: str) -> None:
     tool = _tool(family)
     for line in _rules(family, "POSTROUTING"):
-        args = shlex.split(line)
+        args = _split(line)
         if args[:2] == ["-A", "POSTROUTING"] and args[-2:] == ["-j", chain]:
             _run([tool, "-w", WAIT_SECONDS, "-t", "nat", "-D", "POSTROUTING"] + args[2:])
 
 
-def attachments(network: str) -> set[tuple[str, str]]:
-    """(container ID, ifname) of every masquerade rule this network has installed."""
-    found: set[tuple[str, str]] = set()
+def missing_jumps(network: str, container_id: str, ifname: str, sources: Iterable[IPAddress]) -> list[IPAddress]:
+    """The pod addresses whose POSTROUTING jump into the attachment's chain is gone.
+
+    Each IP family's table is read on its own: a dual-stack attachment whose IPv4
+    jump was deleted still has its IPv6 one, and that must not hide the loss.
+    """
+    chain = masq_chain_name(network, container_id, ifname)
+    by_family: dict[int, list[IPAddress]] = {}
+    for ip in sources:
+        by_family.setdefault(ip.version, []).append(ip)
+    missing = []
+    for family, ips in sorted(by_family.items()):
+        jumped = set()
+        for line in _rules(family, "POSTROUTING"):
+            args = _split(line)
+            if args[:2] == ["-A", "POSTROUTING"] and args[-2:] == ["-j", chain] and "-s" in args[:-1]:
+                jumped.add(ipaddress.ip_network(args[args.index("-s") + 1], strict=False))
+        missing += [ip for ip in ips if ipaddress.ip_network(ip) not in jumped]
+    return missing
+
+
+def attachments(network: str) -> set[str]:
+    """The chains of every attachment this network has masquerade rules for.
+
+    Each is `plan.masq_chain_name(network, container ID, ifname)`, so GC compares them
+    with its live attachments' chains: that holds whatever the comment says, also for
+    rules of an earlier release whose comment iptables cut short. A chain whose jump
+    is already gone (a teardown that died half way) is found by its own rules.
+    """
+    found: set[str] = set()
     if not available():
         return found
+    owner = masq_comment_network(network)
     for family in (4, 6):
         if shutil.which(_TOOLS[family]) is None:
             continue
-        for line in _rules(family, "POSTROUTING"):
-            owner = _owner_of(shlex.split(line))
-            if owner and owner[0] == masq_comment_network(network):
-                found.add((owner[1], owner[2]))
+        for line in _rules(family):
+            if f"{COMMENT_PREFIX} net=" not in line:   # the whole table: split only our lines
+                continue
+            args = _split(line)
+            if args[:1] != ["-A"] or "--comment" not in args[:-1]:
+                continue
+            if masq_comment_owner(args[args.index("--comment") + 1]) != owner:
+                continue
+            chain = args[1] if args[1] != "POSTROUTING" else args[-1]
+            if chain.startswith(MASQ_CHAIN_PREFIX):
+                found.add(chain)
     return found
-
-
-def _owner_of(args: Iterable[str]) -> tuple[str, str, str] | None:
-    args = list(args)
-    if "--comment" in args:
-        index = args.index("--comment")
-        if index + 1 < len(args):
-            return parse_masq_comment(args[index + 1])
-    return None

@@ -6,12 +6,13 @@ ADDs racing on one bridge and retried ADDs after a crash both converge.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
 from dataclasses import dataclass
 import functools
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from .protocol.errors import CNIError, Code
 from .protocol.result import IPAddress, IPInterface, IPNetwork
@@ -20,6 +21,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _AF = {4: 2, 6: 10}          # AF_INET, AF_INET6
 _IFA_F_NODAD = 0x02          # pods get no duplicate address detection wait (addresses are IPAM-unique)
 _BRIDGE_MODE_HAIRPIN = 1
+_BR_STATE_DISABLED, _BR_STATE_FORWARDING = "0", "3"    # /sys/class/net/<port>/brport/state
 
 
 @dataclass(frozen=True)
@@ -112,14 +114,15 @@ _CLONE_NEWNET = 0x40000000
 _NETLINK_ROUTE = 0
 
 
-def _socket_in_netns(path: str) -> "socket.socket":
-    """A NETLINK_ROUTE socket living in the network namespace at `path` (never created).
+@contextlib.contextmanager
+def _inside_netns(path: str) -> Iterator[None]:
+    """Run the body with this thread in the network namespace at `path` (never created).
 
-    setns(2) moves only the calling thread: move it there, open the socket (a
-    socket stays in the namespace it was made in) and move straight back.
+    setns(2) moves only the calling thread: move it there and straight back. What the
+    body opens belongs to that namespace: a socket stays in the one it was made in,
+    and /proc/sys/net shows the calling thread's namespace.
     """
     import ctypes
-    import socket
     import sys
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -131,7 +134,7 @@ def _socket_in_netns(path: str) -> "socket.socket":
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), path)
             try:
-                return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_ROUTE)
+                yield
             finally:
                 if libc.setns(home, _CLONE_NEWNET) != 0:
                     # Host-side work must never run in the pod's namespace.
@@ -141,6 +144,14 @@ def _socket_in_netns(path: str) -> "socket.socket":
             os.close(home)
     finally:
         os.close(target)
+
+
+def _socket_in_netns(path: str) -> "socket.socket":
+    """A NETLINK_ROUTE socket living in the network namespace at `path`."""
+    import socket
+
+    with _inside_netns(path):
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_ROUTE)
 
 
 class Netlink:
@@ -287,6 +298,63 @@ class Netlink:
         link = self.known_link(name)
         if link is not None:   # setting an up link up changes nothing; cheaper than asking
             self.ipr.link("set", index=link.index, state="up")
+
+    def set_arp_notify(self, name: str) -> None:
+        """net.ipv4.conf.<name>.arp_notify=1, before the link is set up: the kernel then
+        announces the link's addresses (gratuitous ARP) whenever it comes up or its MAC
+        changes (see announce), so neighbours holding a reused address with the previous
+        pod's MAC learn the new one at once.
+
+        No netlink request: the sysctl is written from inside the namespace (one setns
+        each way, as for the socket). A link without IPv4 settings is left alone.
+        """
+        from . import sysctl
+
+        try:
+            with self._inside():
+                sysctl.set_link(4, name, "arp_notify", "1")
+        except OSError as exc:
+            raise CNIError(Code.KERNEL_REFUSED, f"cannot enter {self.netns} to set arp_notify on {name}",
+                           exc.strerror or str(exc)) from None
+
+    @_kernel_refusal("announce the addresses")
+    def announce(self, name: str) -> None:
+        """Make the kernel announce the link's IPv4 addresses now (with arp_notify set).
+
+        Needed beside arp_notify's announcement as the link comes up, which the bridge
+        drops: it enables the peer's port only after it sees the carrier, a moment later
+        (see wait_port_forwarding). Setting the MAC the link already has changes nothing
+        but is a MAC change to arp_notify (NETDEV_CHANGEADDR): one request, and no packet
+        socket, whose close waits for an RCU grace period (~15 ms).
+        """
+        link = self.known_link(name)
+        if link is not None:
+            self.ipr.link("set", index=link.index, address=link.mac)
+
+    def wait_port_forwarding(self, port: str, timeout: float = 0.5) -> bool:
+        """Wait until the bridge forwards frames from `port`: the kernel enables a port
+        asynchronously once its carrier is up (usually at once, sometimes a few ms), and
+        only then does an announcement from the pod reach its neighbours.
+
+        Read from sysfs, which costs no netlink request. False (and no wait) when sysfs
+        does not show this namespace's links, or the port is held by STP (seconds).
+        """
+        import time
+
+        path = f"/sys/class/net/{port}/brport/state"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(path) as f:
+                    state = f.read().strip()
+            except OSError:
+                return False
+            if state != _BR_STATE_DISABLED or time.monotonic() >= deadline:
+                return state == _BR_STATE_FORWARDING
+            time.sleep(0.001)
+
+    def _inside(self) -> contextlib.AbstractContextManager[None]:
+        return _inside_netns(self.netns) if self.netns else contextlib.nullcontext()
 
     def delete_link(self, name: str) -> bool:
         """Delete if present; False when there was nothing to delete."""

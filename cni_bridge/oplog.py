@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, TextIO
 
-from .protocol.runner import Plugin, run
+from .protocol.runner import Plugin, loads, run
 
 MAX_BYTES = 1 << 20
 BACKUPS = 3
@@ -109,8 +109,8 @@ def run_logged(program: str, load_plugin: Callable[[], Plugin], env: Mapping[str
                stderr: TextIO = sys.stderr) -> int:
     """`runner.run`, plus one log line per call when the config names a log file."""
     try:
-        config = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError):
+        config = loads(stdin)
+    except ValueError:
         config = None
     path = find_log_file(config, key_paths)
     logger = open_log(program, path, stderr) if path else None

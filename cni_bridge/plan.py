@@ -36,24 +36,41 @@ def masq_chain_name(network: str, container_id: str, ifname: str) -> str:
     return MASQ_CHAIN_PREFIX + _digest(network, container_id, ifname)[:24]
 
 
+def _comment_field(value: str) -> str:
+    """A name as written in a rule comment: itself up to 64 characters, else a digest."""
+    return value if len(value) <= 64 else "sha256:" + _digest(value)[:24]
+
+
 def masq_comment_network(network: str) -> str:
-    """The network as written in rule comments: iptables cuts comments at 255 characters,
-    so a long name is replaced by a digest (and GC/CHECK still find the rule's owner)."""
-    return network if len(network) <= 64 else "sha256:" + _digest(network)[:24]
+    """The network as written in rule comments (GC finds its network's rules by it)."""
+    return _comment_field(network)
 
 
 def masq_comment(network: str, container_id: str, ifname: str) -> str:
-    # None of the three can hold whitespace, so the comment parses back unambiguously.
-    return f"{COMMENT_PREFIX} net={masq_comment_network(network)} id={container_id} if={ifname}"
+    """At most 166 characters: iptables keeps 255 of a comment and, as iptables-nft,
+    silently drops the rest. None of the three can hold whitespace, so it parses back.
+    GC and DEL identify an attachment by its chain, a digest of all three; the
+    comment names the owning network for GC and the attachment for people."""
+    return (f"{COMMENT_PREFIX} net={masq_comment_network(network)} id={_comment_field(container_id)}"
+            f" if={ifname}")
 
 
 _COMMENT_RE = re.compile(r"^cni-bridge net=(\S+) id=(\S+) if=(\S+)$")
+# The network field is complete even in a comment that an earlier release let grow past
+# 255 characters (its container ID was written whole): iptables cut it after the network.
+_COMMENT_NETWORK_RE = re.compile(r"^cni-bridge net=(\S+) id=")
 
 
 def parse_masq_comment(comment: str) -> Optional[tuple[str, str, str]]:
-    """Inverse of masq_comment: (network, container ID, ifname), or None for foreign rules."""
+    """Inverse of masq_comment: (network, container ID or its digest, ifname), or None."""
     match = _COMMENT_RE.search(comment)
     return (match.group(1), match.group(2), match.group(3)) if match else None
+
+
+def masq_comment_owner(comment: str) -> Optional[str]:
+    """The network field of one of our comments, cut ones included; None for foreign rules."""
+    match = _COMMENT_NETWORK_RE.search(comment)
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -155,6 +172,11 @@ def plan_attachment(conf: BridgeConf, container_id: str, ifname: str,
             if addr not in seen:
                 seen.append(addr)
         gateway_addresses = tuple(seen)
+        for ip in ips:
+            if any(gateway.ip == ip.address.ip for gateway in gateway_addresses):
+                raise CNIError(Code.BRIDGE_CONFLICT,
+                               f"IPAM gave the pod {ip.address.ip}, the gateway address bridge {conf.bridge} gets",
+                               "set the IPAM gateway, or a range that leaves the gateway out")
 
     families = tuple(sorted({ip.family for ip in ips})) if (conf.is_gateway or conf.ip_masq) else ()
     masq = None

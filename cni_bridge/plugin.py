@@ -9,7 +9,7 @@ from . import ipam_client, masq, sysctl
 from .faults import point
 from .confbase import load
 from .config import BridgeConf
-from .plan import AttachmentPlan, configured_ip_versions, host_veth_name, plan_attachment
+from .plan import AttachmentPlan, configured_ip_versions, host_veth_name, masq_chain_name, plan_attachment
 from .protocol.errors import CNIError, Code
 from .protocol.result import Interface, Result
 from .protocol.runner import Request
@@ -60,6 +60,9 @@ class BridgePlugin:
                 plan = plan_attachment(conf, cmd.container_id, cmd.ifname, dict(cmd.args), ipam_result)
 
                 bridge = host.ensure_bridge(plan.bridge, plan.mtu, plan.promisc)
+                sysctl.refuse_router_advertisements(plan.bridge)
+                held = {v: host.addresses(plan.bridge, v) for v in sorted({a.version for a in plan.addresses})}
+                self._refuse_bridge_addresses(plan, held)
                 point("add.bridge-ready")
                 host.delete_link(plan.host_veth)  # left by an earlier ADD of this attachment that died
                 undo.callback(_quietly(host.delete_link, plan.host_veth))
@@ -68,6 +71,7 @@ class BridgePlugin:
                 host.attach(plan.host_veth, plan.bridge, plan.hairpin)
                 point("add.veth-attached")
 
+                container.set_arp_notify(cmd.ifname)
                 for address in plan.addresses:
                     container.add_address(cmd.ifname, address)
                 point("add.addresses-set")
@@ -77,7 +81,7 @@ class BridgePlugin:
                 point("add.routes-set")
 
                 for gateway in plan.gateway_addresses:
-                    self._ensure_gateway(host, plan, gateway)
+                    self._ensure_gateway(host, plan, gateway, held[gateway.version])
                 point("add.gateway-set")
                 sysctl.enable_forwarding(plan.forwarding)
                 point("add.forwarding-set")
@@ -86,14 +90,31 @@ class BridgePlugin:
                     masq.setup(plan.masq)
                     point("add.masq-set")
 
+                if any(address.version == 4 for address in plan.addresses):
+                    # Neighbours may hold a reused address with the previous pod's MAC.
+                    host.wait_port_forwarding(plan.host_veth)
+                    container.announce(cmd.ifname)
                 result = self._result(plan, host, container, cmd.netns, bridge.name)
                 point("add.result-ready")
                 undo.pop_all()
                 return result
 
     @staticmethod
-    def _ensure_gateway(host: Any, plan: AttachmentPlan, gateway: Any) -> None:
-        for present in host.addresses(plan.bridge, gateway.version):
+    def _refuse_bridge_addresses(plan: AttachmentPlan, held: dict[int, list[Any]]) -> None:
+        """Networks sharing a bridge may have overlapping subnets, and one's IPAM can hand
+        out the address another put on the bridge as its gateway. Refuse it before the pod
+        announces it; the rollback frees the reservation and IPAM's round-robin moves on."""
+        for address in plan.addresses:
+            if any(present.ip == address.ip for present in held[address.version]):
+                raise CNIError(Code.BRIDGE_CONFLICT,
+                               f"IPAM gave the pod {address.ip}, which bridge {plan.bridge} holds",
+                               "another network on this bridge uses it (as its gateway?): give the networks "
+                               "sharing a bridge ranges that exclude each other's gateways, or their own bridges")
+
+    @staticmethod
+    def _ensure_gateway(host: Any, plan: AttachmentPlan, gateway: Any, held: list[Any]) -> None:
+        """`held`: the bridge's addresses of the gateway's IP version, read earlier in this ADD."""
+        for present in held:
             if present == gateway:
                 return
             if present.version == gateway.version and present.network == gateway.network:
@@ -182,15 +203,16 @@ class BridgePlugin:
         except CNIError as err:
             problems.append(f"IPAM: {err}")
         try:
-            stale = masq.attachments(conf.name) - keep
+            # Attachments are compared by chain: a comment may hold a digest of a long ID.
+            stale = masq.attachments(conf.name) - {masq_chain_name(conf.name, *owner) for owner in keep}
         except CNIError as err:
             problems.append(f"masquerade rules: {err}")
             stale = set()
-        for container_id, ifname in sorted(stale):
+        for chain in sorted(stale):
             try:
-                masq.teardown(conf.name, container_id, ifname)
+                masq.remove(chain)
             except CNIError as err:
-                problems.append(f"masquerade rules of {container_id}/{ifname}: {err}")
+                problems.append(f"masquerade chain {chain}: {err}")
         if problems:
             raise CNIError(Code.IO_FAILURE, "GC could not remove everything", "; ".join(problems))
 

@@ -36,10 +36,19 @@ class Plugin(Protocol):
     def status(self, req: Request) -> None: ...
 
 
+def loads(data: bytes | str) -> Any:
+    """json.loads whose every decoding failure is a ValueError: input nested deeper than
+    the recursion limit ('[' * 100000) makes the decoder raise RecursionError instead."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+
+
 def decode_config(stdin: bytes) -> dict:
     try:
-        config = json.loads(stdin)
-    except (ValueError, UnicodeDecodeError) as exc:
+        config = loads(stdin)
+    except ValueError as exc:   # UnicodeDecodeError is one too
         raise CNIError(Code.DECODE_FAILURE, "cannot decode the network config on stdin", str(exc)) from None
     if not isinstance(config, dict):
         raise CNIError(Code.DECODE_FAILURE, "the network config on stdin must be a JSON object")
@@ -56,8 +65,8 @@ def config_version(config: Mapping[str, Any]) -> str:
 def version_info(stdin: bytes) -> dict:
     """VERSION answers in the caller's version when we speak it."""
     try:
-        requested = json.loads(stdin or b"{}").get("cniVersion")
-    except (ValueError, AttributeError, UnicodeDecodeError):
+        requested = loads(stdin or b"{}").get("cniVersion")
+    except (ValueError, AttributeError):
         requested = None
     version = requested if requested in versions.SUPPORTED_VERSIONS else versions.LATEST
     return {"cniVersion": version, "supportedVersions": list(versions.SUPPORTED_VERSIONS)}
@@ -92,7 +101,7 @@ def handle(load_plugin: Callable[[], Plugin], env: Mapping[str, str], stdin: byt
 def guess_version(stdin: bytes) -> str:
     """Best-effort version for an error raised before the config was validated."""
     try:
-        version = json.loads(stdin).get("cniVersion")
+        version = loads(stdin).get("cniVersion")
     except Exception:
         return versions.LATEST
     return version if version in versions.SUPPORTED_VERSIONS else versions.LATEST

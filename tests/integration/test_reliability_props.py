@@ -105,6 +105,15 @@ class FakeNetlink:
     def set_up(self, name) -> None:
         self.table[name]["up"] = True
 
+    def set_arp_notify(self, name) -> None:
+        pass
+
+    def announce(self, name) -> None:
+        pass
+
+    def wait_port_forwarding(self, port, timeout=0.5) -> bool:
+        return True
+
     def delete_link(self, name) -> bool:
         d = self.table.pop(name, None)
         if d is None:
@@ -151,6 +160,7 @@ def sandbox(monkeypatch, tmp_path):
     monkeypatch.setattr(masq, "attachments", lambda network: set())
     monkeypatch.setattr(masq, "available", lambda: True)
     monkeypatch.setattr(sysctl, "enable_forwarding", lambda families: None)
+    monkeypatch.setattr(sysctl, "refuse_router_advertisements", lambda bridge: None)
     empty = tmp_path / "cni-path"
     empty.mkdir()
     return {"data_dir": str(tmp_path / "ipam"), "cni_path": str(empty)}

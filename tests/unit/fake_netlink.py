@@ -43,6 +43,8 @@ class FakeLink:
     up: bool = False
     promisc: bool = False
     hairpin: bool = False
+    arp_notify: bool = False
+    announced: list = field(default_factory=list)   # IPv4 addresses of the gratuitous ARPs sent
     addresses: list = field(default_factory=list)
     peer: Optional["FakeLink"] = None        # the other end of a veth
     ns: Optional["FakeNamespace"] = None
@@ -221,6 +223,23 @@ class FakeNetlink:
         link = self.ns.links.get(name)
         if link is not None:
             link.up = True
+
+    def set_arp_notify(self, name: str) -> None:
+        self._op("set_arp_notify")
+        link = self.ns.links.get(name)
+        if link is not None:
+            link.arp_notify = True
+
+    def announce(self, name: str) -> None:
+        self._op("announce")
+        link = self.ns.links.get(name)
+        if link is not None and link.arp_notify and link.up:   # what makes the kernel send it
+            link.announced = [a.ip for a in link.addresses if a.version == 4]
+
+    def wait_port_forwarding(self, port: str, timeout: float = 0.5) -> bool:
+        self._op("wait_port_forwarding")
+        link = self.ns.links.get(port)
+        return bool(link is not None and link.master and link.up)
 
     def delete_link(self, name: str) -> bool:
         self._op("delete_link")

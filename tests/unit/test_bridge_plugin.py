@@ -34,6 +34,7 @@ class HostEffects:
 
     def __init__(self) -> None:
         self.forwarding: list[tuple[int, ...]] = []
+        self.accept_ra_refused: list[str] = []
         self.masq_setup: list = []
         self.masq_teardown: list[tuple[str, str, str]] = []
         self.rules: set[tuple[str, str, str]] = set()   # (network, cid, ifname) of installed chains
@@ -47,6 +48,9 @@ class HostEffects:
             raise self.fail_forwarding
         self.forwarding.append(tuple(families))
 
+    def refuse_router_advertisements(self, bridge):
+        self.accept_ra_refused.append(bridge)
+
     def setup(self, plan):
         self.masq_setup.append(plan)
         if self.fail_masq:
@@ -56,7 +60,13 @@ class HostEffects:
         self.masq_teardown.append((network, cid, ifname))
 
     def attachments(self, network):
-        return {(c, i) for (n, c, i) in self.rules if n == network}
+        return {masq_chain_name(n, c, i) for (n, c, i) in self.rules if n == network}
+
+    def remove(self, chain):
+        self.masq_teardown += [rule for rule in sorted(self.rules) if masq_chain_name(*rule) == chain]
+
+    def missing_jumps(self, network, cid, ifname, sources):
+        return [] if (network, cid, ifname) in self.rules else list(sources)
 
     def missing_tools(self, versions):
         present = {4: self.iptables, 6: self.ip6tables}
@@ -67,9 +77,12 @@ class HostEffects:
 def host(monkeypatch) -> HostEffects:
     effects = HostEffects()
     monkeypatch.setattr(sysctl, "enable_forwarding", effects.enable_forwarding)
+    monkeypatch.setattr(sysctl, "refuse_router_advertisements", effects.refuse_router_advertisements)
     monkeypatch.setattr(masq, "setup", effects.setup)
     monkeypatch.setattr(masq, "teardown", effects.teardown)
     monkeypatch.setattr(masq, "attachments", effects.attachments)
+    monkeypatch.setattr(masq, "remove", effects.remove)
+    monkeypatch.setattr(masq, "missing_jumps", effects.missing_jumps)
     monkeypatch.setattr(masq, "missing_tools", effects.missing_tools)
     monkeypatch.setattr(ipam.plugin, "current_boot_id", lambda: "boot-test")
     return effects

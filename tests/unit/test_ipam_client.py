@@ -119,6 +119,7 @@ def test_non_executable_file_is_not_a_plugin(tmp_path):
 def test_bridge_rolls_back_an_execd_ipam_with_del(make_ipam, monkeypatch):
     bindir, log = make_ipam("ok")
     monkeypatch.setattr(sysctl, "enable_forwarding", lambda families: None)
+    monkeypatch.setattr(sysctl, "refuse_router_advertisements", lambda bridge: None)
     monkeypatch.setattr(masq, "teardown", lambda *a: None)
     monkeypatch.setattr(ipam.plugin, "current_boot_id", lambda: "boot-test")
     kernel = FakeKernel()
