@@ -160,7 +160,7 @@ def forward(env, stdin: bytes, config: object = None) -> Reply:
     if config is None:
         try:
             config = json.loads(stdin)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):   # the runner reports it (code 6)
             return Reply(UNAVAILABLE, reason="stdin is not JSON")
     path = socket_path(config)
     if path is None:
