@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(iproute2 iptables busybox-static containernetworking-plugins)
 if [ "${WITH_RUNTIMES:-0}" = 1 ]; then
-  PACKAGES+=(golang-go golang-github-appc-cni-dev podman runc)
+  PACKAGES+=(golang-go golang-github-appc-cni-dev podman runc containerd)
 fi
 
 missing=()

@@ -1,0 +1,9 @@
+"""A private containerd (Debian's 1.6, with its CRI plugin) and a minimal CRI client, so the
+tests drive the plugins the way kubelet does: RunPodSandbox / StopPodSandbox / RemovePodSandbox.
+
+- `proto.py` compiles `runtime_v1.proto` (our excerpt of the CRI API) with grpcio-tools.
+- `client.py` is the CRI client (RuntimeService over the containerd socket).
+- `pause_image.py` builds the sandbox image from busybox-static (no registry is reachable).
+- `containerd.py` runs containerd with its own config, root, state and socket, inside a
+  scratch "host" netns, and removes everything it made.
+"""
