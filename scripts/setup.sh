@@ -31,3 +31,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
   touch "$stamp"
 fi
+if [ "${WITH_RUNTIMES:-0}" = 1 ]; then
+  # The CRI client of the containerd tests (tests/harness/cri), compiled with grpcio-tools.
+  "$VENV/bin/python" -m tests.harness.cri.proto >/dev/null
+fi
