@@ -18,7 +18,6 @@ sent (CNI_ARGS, verbs) without touching the plugin under test.
 """
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import os
