@@ -36,8 +36,9 @@ import pytest
 
 from tests.harness.cri.client import CriClient, PodSpec, SandboxStatus
 from tests.harness.cri.containerd import SANDBOX_IMAGE, Containerd, containerd_unavailable_reason
+from tests.harness.cri.layouts import LAYOUTS, Daemon, make_bin_dir, python_program, start_daemon
 from tests.harness.cri.pause_image import build_pause_image
-from tests.support.netns import REFERENCE_DIR, REPO, VENV_BIN, Netns, unique
+from tests.support.netns import REFERENCE_DIR, Netns, unique
 from tests.support.runtime import (
     _CLIENT,
     _SERVER,
@@ -48,15 +49,12 @@ from tests.support.runtime import (
     spy_calls,
     veths,
 )
-from tests.support.waiting import unix_socket_listening
 
 CLUSTER = ("10.133.0.0/16", "fd00:133::/32")
 POD_CIDRS = (ipaddress.ip_network("10.133.1.0/24"), ipaddress.ip_network("fd00:133:1::/64"))
 NODE_IP, OUTSIDE_IP = "10.134.0.1", "10.134.0.2"     # the uplink between host and outside
 ONE_ADDRESS = "10.133.1.77"                          # the range of the one-address network
 WAIT = 60.0                                          # bound on waiting, never asserted
-BUNDLE = REPO / "build" / "test-bundle" / "cni-bin"  # shared with test_bundle.py (hash-cached)
-VARIANTS = ["cni-bridge", "cni-bridge+daemon", "bundle", "reference"]
 
 # cni-ipam words an exhausted range as host-local does, so one message serves both.
 EXHAUSTED = "no IP addresses available in range set"
@@ -71,25 +69,6 @@ def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
 
 
 # ------------------------------------------------------------------------- the node
-@dataclass
-class Daemon:
-    proc: subprocess.Popen
-    socket: Path
-    log: Path
-
-    def served(self, command: str, cid: str) -> int:
-        return self.log.read_text(errors="replace").count(f" {command} cid={cid} if=")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(WAIT)
-
-
 @dataclass
 class Node:
     variant: str
@@ -208,62 +187,6 @@ def pause_tar(tmp_path_factory) -> Path:
     return build_pause_image(tmp_path_factory.mktemp("pause") / "pause.tar", SANDBOX_IMAGE)
 
 
-def _reference_dir_links(bin_dir: Path, skip: set[str]) -> None:
-    for plugin in REFERENCE_DIR.iterdir():
-        if plugin.name not in skip:
-            os.symlink(plugin, bin_dir / plugin.name)
-
-
-def _bin_dir(variant: str, base: Path) -> Path:
-    """The CNI bin dir containerd execs from, laid out as each install path makes it."""
-    bin_dir = base / "bin"
-    if variant == "bundle":
-        proc = subprocess.run([str(REPO / "scripts" / "bundle.sh"), str(BUNDLE)], cwd=REPO, capture_output=True,
-                              text=True, timeout=1500)
-        if proc.returncode != 0:
-            pytest.fail(f"scripts/bundle.sh failed:\n{(proc.stdout + proc.stderr)[-3000:]}", pytrace=False)
-        shutil.copytree(BUNDLE, bin_dir, symlinks=True)
-        _reference_dir_links(bin_dir, skip=set(os.listdir(bin_dir)))
-    elif variant == "cni-bridge+daemon":
-        proc = subprocess.run(["sh", str(REPO / "scripts" / "install_front_end.sh"), str(bin_dir)], cwd=REPO,
-                              capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            pytest.fail(f"scripts/install_front_end.sh failed:\n{proc.stdout}{proc.stderr}", pytrace=False)
-        _reference_dir_links(bin_dir, skip=set(os.listdir(bin_dir)))
-    else:
-        bin_dir.mkdir()
-        if variant == "cni-bridge":
-            for name in ("cni-bridge", "cni-ipam"):
-                os.symlink(VENV_BIN / name, bin_dir / name)
-        _reference_dir_links(bin_dir, skip=set())
-    return bin_dir
-
-
-def _python_program(bin_dir: Path) -> Path:
-    """The Python cni-bridge of this layout (the front end only forwards CNI calls)."""
-    beside = bin_dir / "cni-bridge-python"
-    return beside if beside.exists() else bin_dir / "cni-bridge"
-
-
-def _start_daemon(host: Netns, program: Path, base: Path) -> Daemon:
-    """The daemon in the host netns and in containerd's mount namespace: `ip netns exec` would
-    give it a private mount namespace, where the pod netns containerd bind-mounts later (in a
-    private-propagation tree) are empty files and setns() fails with EINVAL."""
-    sock, log = base / "daemon.sock", base / "daemon.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(["nsenter", f"--net={host.path}", str(program), "daemon", "--socket", str(sock),
-                                 "--workers", "2", "--log-level", "DEBUG"], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=out, start_new_session=True)
-    daemon = Daemon(proc, sock, log)
-    try:
-        wait_until(lambda: unix_socket_listening(sock) or proc.poll() is not None, "the daemon to listen")
-        assert proc.poll() is None, log.read_text()
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon
-
-
 def _write_network(variant: str, host: Netns, bin_dir: Path, base: Path, conf_dir: Path, network: str,
                    bridge: str, daemon: Optional[Daemon]) -> None:
     """Ours: the node agent writes the conflist (topology mode). Reference: written here."""
@@ -279,7 +202,7 @@ def _write_network(variant: str, host: Netns, bin_dir: Path, base: Path, conf_di
     topology = base / "topology.json"
     topology.write_text(json.dumps({"clusterCIDR": ",".join(CLUSTER), "nodes": [
         {"name": "node1", "internalIP": NODE_IP, "podCIDR": ",".join(map(str, POD_CIDRS))}]}))
-    argv = [str(_python_program(bin_dir)), "agent", "--node", "node1", "--topology", str(topology), "--once",
+    argv = [str(python_program(bin_dir)), "agent", "--node", "node1", "--topology", str(topology), "--once",
             "--conf-dir", str(conf_dir), "--ipam-data-dir", str(data_dir), "--bridge", bridge,
             "--network-name", network]
     if daemon is not None:
@@ -297,7 +220,7 @@ def _uplink(host: Netns, outside: Netns) -> None:
     outside.exec("ip", "link", "set", "eth0", "up")
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+@pytest.fixture(scope="module", params=LAYOUTS)
 def node(request, pause_tar):
     reason = containerd_unavailable_reason()
     if reason:
@@ -315,11 +238,11 @@ def node(request, pause_tar):
         host, outside = Netns("crih"), Netns("crio")
         namespaces += [outside, host]
         _uplink(host, outside)
-        bin_dir = _bin_dir(variant, base)
+        bin_dir = make_bin_dir(variant, base / "bin")
         spy_log = base / "portmap.calls"
         install_spy(bin_dir, "portmap", spy_log)
         if variant == "cni-bridge+daemon":
-            daemon = _start_daemon(host, _python_program(bin_dir), base)
+            daemon = start_daemon(host.path, python_program(bin_dir), base)
         conf_dir = base / "net.d"
         containerd = Containerd(base / "containerd", bin_dir, conf_dir, host.name)
         network, bridge = unique("crin"), unique("crib")
