@@ -212,8 +212,7 @@ class Containerd:
                 problems.append(f"removing sandboxes through CRI: {exc}")
         self.stop()
         self._force_remove_containers(problems)
-        for pid in self.shim_pids():
-            _kill(pid, problems)
+        self._end_shims(problems)
         self._umount_under(self.base_dir, problems)
         self._remove_cgroups(problems)
         self._remove_shim_sockets()
@@ -223,6 +222,21 @@ class Containerd:
         self._remove_made_dirs()
         shutil.rmtree(self.base_dir, onerror=lambda f, p, e: problems.append(f"rm {p}: {e[1]}"))
         return problems
+
+    def _end_shims(self, problems: list[str]) -> None:
+        """Wait for our shims to exit (they do once their sandbox is removed), SIGKILL those
+        still there, and wait until they are gone: a dying shim may still hold its socket."""
+        grace = time.monotonic() + 5
+        while self.shim_pids() and time.monotonic() < grace:
+            time.sleep(0.05)
+        for pid in self.shim_pids():
+            _kill(pid, problems)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.shim_pids():
+            if time.monotonic() > deadline:
+                problems.append(f"shims still running: {self.shim_pids()}")
+                return
+            time.sleep(0.05)
 
     def _force_remove_containers(self, problems: list[str]) -> None:
         """Sandboxes containerd did not remove (it failed or was killed): runc kill + delete."""
