@@ -11,7 +11,8 @@ Prints, as tables:
      each with its ratio to the reference (cniVersion 1.0.0 for all);
   2. the import budget of each verb (`python -X importtime`);
   3. peak RSS of one exec'd front end and of the daemon;
-  4. IPAM ADD+DEL cost with 10 and with 5,000 reservations in the store.
+  4. IPAM ADD+DEL cost with 10 and with 5,000 reservations in the store;
+  5. RunPodSandbox and Stop+Remove through a private containerd (scripts/bench_cri.py).
 
 Our plugins are measured as `pip install .` lays them out (console scripts,
 no editable-install finder), in a throwaway environment built from this
@@ -423,6 +424,7 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=3, help="bursts per variant (median; standalone runs 1)")
     parser.add_argument("--workers", type=int, default=0, help="daemon workers (default: the daemon's default)")
     parser.add_argument("--reservations", type=int, default=5000)
+    parser.add_argument("--cri-pods", type=int, default=10, help="pods per variant through containerd's CRI")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -653,6 +655,11 @@ def main() -> int:
         results["ipam"] = ipam_results
         ipam_table = table(["measure", "10 reservations", f"{args.reservations:,} reservations", "ratio"], ipam_rows)
 
+        # 5. Kubelet's path: the same plugins under containerd's CRI (scripts/bench_cri.py).
+        import bench_cri
+        cri_rows, results["cri"] = bench_cri.measure(work / "cri", bin_dir, front_end, args.cri_pods, log)
+        cri_table = table(["variant", "RunPodSandbox", "ratio", "Stop+Remove", "ratio"], cri_rows)
+
     elapsed = time.monotonic() - began
     print(f"# cni-bridge benchmark, {results['date']}")
     print(f"Machine: {results['machine']}")
@@ -673,6 +680,8 @@ def main() -> int:
     print(rss_table)
     print("\n## IPAM cost against reservations held\n")
     print(ipam_table)
+    print(f"\n## Through containerd's CRI (kubelet's path), medians of {args.cri_pods} pods\n")
+    print(cri_table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 1 if bad else 0

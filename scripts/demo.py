@@ -23,6 +23,9 @@ VENV_BIN = Path(sys.executable).parent
 REFERENCE = Path("/usr/lib/cni")
 PODS = 3
 TCP_PORT = 7000
+HOST_PORT = 8080
+# The node's uplink and a host beyond it (a scratch namespace): the outside world of the demo.
+NODE_UPLINK, OUTSIDE_HOST = "10.99.9.1", "10.99.9.2"
 
 
 def sh(*argv: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,6 +43,8 @@ class Node:
         tag = uuid.uuid4().hex[:6]
         self.ns = f"demo-node-{tag}"
         self.pods = [f"demo-pod{i}-{tag}" for i in range(PODS)]
+        self.outside = f"demo-out-{tag}"
+        self.port_mappings: dict[str, list[dict]] = {}   # what a runtime passes as capability args
         self.bin = workdir / "bin"
         self.bin.mkdir()
         for name in ("cni-bridge", "cni-ipam"):
@@ -52,10 +57,13 @@ class Node:
         if not (self.bin / "portmap").exists():
             self.conflist["plugins"] = self.conflist["plugins"][:1]
 
-    def plugin_conf(self, plugin: dict, prev: dict | None) -> str:
+    def plugin_conf(self, plugin: dict, prev: dict | None, pod: str) -> str:
         conf = dict(plugin, name=self.conflist["name"], cniVersion=self.conflist["cniVersion"])
         if prev is not None:
             conf["prevResult"] = prev
+        # Like libcni: runtimeConfig carries a capability's args only to plugins declaring it.
+        if plugin.get("capabilities", {}).get("portMappings") and pod in self.port_mappings:
+            conf["runtimeConfig"] = {"portMappings": self.port_mappings[pod]}
         return json.dumps(conf)
 
     def call(self, command: str, pod: str, plugin: dict, prev: dict | None) -> dict | None:
@@ -65,7 +73,7 @@ class Node:
             "CNI_IFNAME": "eth0", "CNI_PATH": str(self.bin),
         }
         proc = subprocess.run(["ip", "netns", "exec", self.ns, str(self.bin / plugin["type"])],
-                              input=self.plugin_conf(plugin, prev), env=env, text=True, capture_output=True)
+                              input=self.plugin_conf(plugin, prev, pod), env=env, text=True, capture_output=True)
         if proc.returncode != 0:
             raise SystemExit(f"{plugin['type']} {command} failed for {pod}:\n{proc.stdout}{proc.stderr}")
         return json.loads(proc.stdout) if proc.stdout.strip() else None
@@ -82,7 +90,11 @@ class Node:
             self.call("DEL", pod, plugin, result)
 
 
-def tcp_exchange(node: Node, server_pod: str, server_ip: str, client_pod: str) -> str:
+def tcp_exchange(server_pod: str, server_ip: str, client_ns: str, target: str = "",
+                 port: int = TCP_PORT) -> str:
+    """A one-shot TCP server in server_pod; a client in client_ns connects to target:port
+    (default: the server's own address and port) and returns the answer."""
+    target = target or server_ip
     server = subprocess.Popen(
         ["ip", "netns", "exec", server_pod, sys.executable, "-c", textwrap.dedent(f"""
             import socket
@@ -97,12 +109,12 @@ def tcp_exchange(node: Node, server_pod: str, server_ip: str, client_pod: str) -
             import socket, time
             for _ in range(50):
                 try:
-                    c = socket.create_connection(("{server_ip}", {TCP_PORT}), timeout=2); break
+                    c = socket.create_connection(("{target}", {port}), timeout=2); break
                 except ConnectionRefusedError:
                     time.sleep(0.1)
             c.sendall(b"ping over TCP"); print(c.recv(100).decode())
         """)
-        return in_ns(client_pod, sys.executable, "-c", client).stdout.strip()
+        return in_ns(client_ns, sys.executable, "-c", client).stdout.strip()
     finally:
         server.wait(timeout=15)
 
@@ -116,11 +128,22 @@ def main() -> int:
     made: list[str] = []
     results: dict[str, dict] = {}
     try:
-        for ns in [node.ns, *node.pods]:
+        for ns in [node.ns, *node.pods, node.outside]:
             sh("ip", "netns", "add", ns)
             made.append(ns)
             in_ns(ns, "ip", "link", "set", "lo", "up")
         print(f"node namespace {node.ns}; plugins: {', '.join(p['type'] for p in node.conflist['plugins'])}\n")
+
+        # An uplink from the node to a host outside it, for the port forwarding below.
+        in_ns(node.ns, "ip", "link", "add", "uplink0", "type", "veth", "peer", "name", "eth0",
+              "netns", node.outside)
+        in_ns(node.ns, "ip", "addr", "add", f"{NODE_UPLINK}/24", "dev", "uplink0")
+        in_ns(node.ns, "ip", "link", "set", "uplink0", "up")
+        in_ns(node.outside, "ip", "addr", "add", f"{OUTSIDE_HOST}/24", "dev", "eth0")
+        in_ns(node.outside, "ip", "link", "set", "eth0", "up")
+        published = node.pods[1]
+        if (node.bin / "portmap").exists():
+            node.port_mappings[published] = [{"hostPort": HOST_PORT, "containerPort": TCP_PORT, "protocol": "tcp"}]
 
         for pod in node.pods:
             started = time.monotonic()
@@ -136,9 +159,17 @@ def main() -> int:
         ping = in_ns(node.pods[0], "busybox", "ping", "-c", "2", "-W", "2", addrs[1], check=False)
         print(f"ping {node.pods[0]} -> {addrs[1]}:")
         print(textwrap.indent(ping.stdout.strip(), "  "))
-        reply = tcp_exchange(node, node.pods[2], addrs[2], node.pods[0])
+        reply = tcp_exchange(node.pods[2], addrs[2], node.pods[0])
         print(f"\nTCP {node.pods[0]} -> {addrs[2]}:{TCP_PORT}: {reply}")
         ok = ping.returncode == 0 and "hello" in reply
+        if published in node.port_mappings:
+            # The chained portmap: the node's port HOST_PORT forwards to the pod's TCP_PORT.
+            forwarded = tcp_exchange(published, "0.0.0.0", node.outside, NODE_UPLINK, HOST_PORT)
+            print(f"\nport forwarding: {node.outside} -> node {NODE_UPLINK}:{HOST_PORT} -> "
+                  f"{published} {addrs[1]}:{TCP_PORT}: {forwarded}")
+            ok = ok and f"hello {OUTSIDE_HOST}" in forwarded
+        else:
+            print("\nport forwarding skipped: no portmap plugin (apt-get install containernetworking-plugins)")
     finally:
         for pod in reversed(node.pods):
             if pod in results:

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(iproute2 iptables busybox-static containernetworking-plugins)
 if [ "${WITH_RUNTIMES:-0}" = 1 ]; then
-  PACKAGES+=(golang-go golang-github-appc-cni-dev podman runc)
+  PACKAGES+=(golang-go golang-github-appc-cni-dev podman runc containerd)
 fi
 
 missing=()
@@ -30,4 +30,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # (grep drops pip's noise about find-links folders this machine's pip config names)
   "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test]" 2>&1 | { grep -v "^WARNING: Location" || true; }
   touch "$stamp"
+fi
+if [ "${WITH_RUNTIMES:-0}" = 1 ]; then
+  # The CRI client of the containerd tests (tests/harness/cri), compiled with grpcio-tools.
+  "$VENV/bin/python" -m tests.harness.cri.proto >/dev/null
 fi
