@@ -196,6 +196,10 @@ class Netlink:
         not for state that changes (up, master, a bridge's MAC as ports come and go)."""
         return self._seen.get(name) or self.link(name)
 
+    def links(self) -> list[Link]:
+        """Every link of the namespace, in one dump (for read-only views such as `inspect`)."""
+        return [self._to_link(msg) for msg in self.ipr.get_links()]
+
     def _to_link(self, msg: Any) -> Link:
         info = msg.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info else ""
