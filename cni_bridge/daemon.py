@@ -390,7 +390,8 @@ class Daemon:
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
                 log.warning("worker %d died (%s)%s", pid, _describe_status(status),
                             "; its call was lost and the plugin falls back to in-process" if busy else "")
-            self.metrics.worker_exited(pid, restarted=respawn and not self.stopping, lost_call=bool(busy))
+            how = "signal" if os.WIFSIGNALED(status) else "error" if os.WEXITSTATUS(status) else "recycled"
+            self.metrics.worker_exited(pid, how, restarted=respawn and not self.stopping, lost_call=bool(busy))
             if respawn and not self.stopping:
                 self._spawn(slot)
 

@@ -74,7 +74,7 @@ class NoMetrics:
     def fallback(self, reason: str) -> None:
         pass
 
-    def worker_exited(self, pid: int, restarted: bool, lost_call: bool) -> None:
+    def worker_exited(self, pid: int, how: str, restarted: bool, lost_call: bool) -> None:
         pass
 
     def close_inherited(self) -> None:
@@ -128,13 +128,14 @@ class DaemonMetrics(NoMetrics):
     def fallback(self, reason: str) -> None:
         self.fallbacks.labels(reason).inc()
 
-    def worker_exited(self, pid: int, restarted: bool, lost_call: bool) -> None:
+    def worker_exited(self, pid: int, how: str, restarted: bool, lost_call: bool) -> None:
+        """`how`: "signal", "error" (non-zero exit) or "recycled" (served its share of calls)."""
         # A dead worker's live gauges (its in-flight call) must stop counting; its counters stay.
         self._multiprocess.mark_process_dead(pid, self.directory)
         if lost_call:
             self.fallback("worker-died")
         if restarted:
-            self.restarts.labels("died" if lost_call else "exited").inc()
+            self.restarts.labels(how).inc()
 
     def close_inherited(self) -> None:
         """In a forked worker: the scrape socket is the supervisor's."""

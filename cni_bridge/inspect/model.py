@@ -46,6 +46,7 @@ class Bridge:
 @dataclass
 class Pool:
     network: str
+    set_index: int           # the range set (one address per set per attachment)
     subnet: str
     range_start: str
     range_end: str

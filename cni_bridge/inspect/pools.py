@@ -45,7 +45,7 @@ def ipam_conf(plugin: PluginConf):
 
 def pools(network: str, conf, reservations: Iterable[Reservation], boot_id: str) -> list[Pool]:
     allocator = Allocator(_Snapshot(reservations), conf.ipam.range_sets, boot_id, time.time())
-    return [Pool(network=network, subnet=u.range.subnet, range_start=str(u.range.start),
+    return [Pool(network=network, set_index=u.set_index, subnet=u.range.subnet, range_start=str(u.range.start),
                  range_end=str(u.range.end), gateway=str(u.range.gateway_ip), size=u.size, used=u.used,
                  reclaimable=u.reclaimable, free=u.free)
             for u in allocator.usage()]
