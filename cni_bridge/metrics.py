@@ -36,9 +36,9 @@ def verb_label(verb: str) -> str:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [::1]:9090); raises ValueError."""
+    """HOST:PORT (IPv6 as [::1]:9153; port 0 picks a free one); raises ValueError."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"{text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
 
