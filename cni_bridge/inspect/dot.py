@@ -20,7 +20,7 @@ def render(view: NodeView, out: TextIO) -> None:
     out.write('  graph [rankdir=LR, fontname="Helvetica", fontsize=11, label=' + _q(f"node {view.hostname}")
               + ', labelloc=t];\n')
     out.write('  node [fontname="Helvetica", fontsize=10, shape=box, style=rounded];\n')
-    out.write('  edge [arrowhead=none];\n')
+    out.write('  edge [arrowhead=none, fontname="Helvetica", fontsize=9];\n')
     uplink = "uplink"
     out.write(f"  {uplink} [label={_q('uplink ' + (view.uplink or '(no default route)'))}, shape=cds];\n")
     for index, peer in enumerate(view.peers):
@@ -36,7 +36,8 @@ def _network(index: int, network: Network, uplink: str, out: TextIO) -> None:
     bridge = f"br{index}"
     out.write(f"  subgraph cluster_{index} {{\n    label={_q('network ' + network.name)};\n"
               "    style=dashed; color=grey;\n")
-    label = "\n".join([f"bridge {b.name}" + ("" if b.exists else " (missing)")] + b.addresses[:2]
+    addresses = [a for a in b.addresses if not a.startswith("fe80:")]
+    label = "\n".join([f"bridge {b.name}" + ("" if b.exists else " (missing)")] + addresses
                       + [f"{p.subnet}: {p.used} used, {p.free} free" for p in network.pools])
     attrs = "shape=box3d" + ("" if b.exists and b.up else ", " + BAD)
     out.write(f"    {bridge} [label={_q(label)}, {attrs}];\n")
@@ -57,5 +58,5 @@ def _network(index: int, network: Network, uplink: str, out: TextIO) -> None:
         out.write(f"    s{index}_{n} [label={_q(name + chr(10) + 'no reservation')}, shape=cds, {BAD}];\n")
         out.write(f"    {bridge} -> s{index}_{n};\n")
     out.write("  }\n")
-    masq = " (masquerade)" if network.ip_masq else ""
-    out.write(f"  {uplink} -> {bridge} [label={_q('routed' + masq)}, fontsize=9];\n")
+    how = ("routed" if network.is_gateway else "L2 only") + (", masquerade" if network.ip_masq else "")
+    out.write(f"  {uplink} -> {bridge} [label={_q(how)}];\n")
