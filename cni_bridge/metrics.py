@@ -24,6 +24,7 @@ from typing import Any, Optional
 PREFIX = "cni_bridge_daemon"
 # CNI calls take milliseconds through the daemon, seconds when iptables or the store lock is slow.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DIR_PREFIX = "cni-bridge-metrics-"   # beside the daemon's socket
 SCRAPE_TIMEOUT = 2.0     # a slow or stuck scraper must not hold the supervisor's loop longer
 
 
@@ -86,8 +87,9 @@ class NoMetrics:
 
 class DaemonMetrics(NoMetrics):
     def __init__(self, address: tuple[str, int], parent_dir: str, conf_dir: str, workers: int) -> None:
+        _remove_stale(parent_dir)
         # Before the first import of prometheus_client (it picks its value class then).
-        self.directory = tempfile.mkdtemp(prefix="metrics-", dir=parent_dir)
+        self.directory = tempfile.mkdtemp(prefix=DIR_PREFIX, dir=parent_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self.directory
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
@@ -144,6 +146,18 @@ class DaemonMetrics(NoMetrics):
     def close(self) -> None:
         self._server.server_close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _remove_stale(parent_dir: str) -> None:
+    """Directories a killed daemon left: the daemon starts only when no other serves its socket,
+    so none of them is in use (the counters restart at zero, as Prometheus expects of a restart)."""
+    try:
+        names = os.listdir(parent_dir)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(DIR_PREFIX):
+            shutil.rmtree(os.path.join(parent_dir, name), ignore_errors=True)
 
 
 def start(address: str, parent_dir: str, conf_dir: str, workers: int) -> DaemonMetrics:

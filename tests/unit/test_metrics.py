@@ -26,6 +26,8 @@ from ipam.filestore import FileStore, current_boot_id
 from ipam.store import Reservation
 
 run_dir, conf_dir, data_dir = sys.argv[1:4]
+stale = os.path.join(run_dir, "cni-bridge-metrics-left-by-a-killed-daemon")
+os.makedirs(stale)
 m = start("127.0.0.1:0", run_dir, conf_dir, 3)
 store = FileStore(data_dir, "mnet")
 with store.locked():
@@ -65,7 +67,8 @@ m.call_finished("WHATEVER", "4", 0.002)
 after = scrape()
 directory = m.directory
 m.close()
-print(json.dumps({"before": before, "after": after, "dir_left": os.path.exists(directory)}))
+print(json.dumps({"before": before, "after": after, "dir_left": os.path.exists(directory),
+                  "stale_left": os.path.exists(stale)}))
 """
 
 
@@ -90,7 +93,8 @@ def scraped(tmp_path_factory) -> dict:
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    return {"before": samples(out["before"]), "after": samples(out["after"]), "dir_left": out["dir_left"]}
+    return {"before": samples(out["before"]), "after": samples(out["after"]), "dir_left": out["dir_left"],
+            "stale_left": out["stale_left"]}
 
 
 def value(found: dict, name: str, **labels: str) -> float:
@@ -121,7 +125,8 @@ def test_a_dead_workers_counts_stay_and_its_in_flight_call_goes(scraped):
     assert value(after, "cni_bridge_daemon_worker_restarts_total", reason="signal") == 3
     assert value(after, "cni_bridge_daemon_calls_total", verb="other", result="4") == 1   # no label per junk verb
     assert value(after, "cni_bridge_daemon_workers") == 3
-    assert scraped["dir_left"] is False
+    assert scraped["dir_left"] is False        # removed when the daemon stops
+    assert scraped["stale_left"] is False      # and a killed daemon's is removed at the next start
 
 
 def test_ipam_usage_per_network_and_range(scraped):
