@@ -294,3 +294,43 @@ def test_no_conf_dir_is_a_failed_check_not_a_crash(node, tmp_path):
     view = json.loads(proc.stdout)
     assert proc.returncode == 1 and view["networks"] == []
     assert ("conflist", "") in checks(view, "fail")
+
+
+def test_a_node_the_agent_set_up(make_netns, tmp_path):
+    """Peers, uplink and cluster masquerade as `cni-bridge agent` leaves them, and its conflist's pods."""
+    if shutil.which("iptables") is None:
+        pytest.skip("the agent's masquerade needs iptables")
+    from tests.support.netns import CniHost, make_cni_path
+
+    ns = make_netns("an")
+    ns.exec("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p")
+    ns.exec("ip", "addr", "add", "10.251.0.1/24", "dev", "eth0")
+    for dev in ("eth0", "eth0p"):
+        ns.exec("ip", "link", "set", dev, "up")
+    ns.exec("ip", "route", "add", "default", "via", "10.251.0.254", "dev", "eth0")
+    topology, conf_dir, bridge = tmp_path / "topology.json", tmp_path / "net.d", unique("ba")
+    topology.write_text(json.dumps({"clusterCIDR": "10.244.0.0/16", "nodes": [
+        {"name": "n1", "internalIP": "10.251.0.1", "podCIDR": "10.244.1.0/24"},
+        {"name": "n2", "internalIP": "10.251.0.2", "podCIDR": "10.244.2.0/24"}]}))
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")}
+    agent = ns.exec(str(VENV_BIN / "cni-bridge"), "agent", "--node", "n1", "--topology", str(topology), "--once",
+                    "--conf-dir", str(conf_dir), "--ipam-data-dir", str(tmp_path / "ipam"), "--bridge", bridge,
+                    "--no-portmap", check=False, env=env)
+    assert agent.returncode == 0, agent.stderr
+    host = CniHost(ns, make_cni_path(tmp_path / "bin"), tmp_path / "ipam")
+    written = json.loads((conf_dir / "10-cni-bridge.conflist").read_text())
+    conf = dict(written["plugins"][0], name=written["name"], cniVersion=written["cniVersion"])
+    assert host.run("cni-bridge", "ADD", conf, container_id="p1", netns=make_netns("p").path).rc == 0
+
+    argv = [str(VENV_BIN / "cni-bridge"), "inspect", "--conf-dir", str(conf_dir), "--bin-dir", str(host.cni_path),
+            "--daemon-socket", str(tmp_path / "none.sock")]
+    proc = ns.exec(*argv, "--json", check=False, env=env)
+    view = json.loads(proc.stdout)
+    assert proc.returncode == 0, checks(view, "fail")
+    assert view["uplink"] == "eth0" and view["clusterMasquerade"] == ["IPv4"]
+    assert view["peers"] == [{"dst": "10.244.2.0/24", "via": "10.251.0.2", "device": "eth0", "source": "agent"}]
+    (network,) = view["networks"]
+    assert network["bridge"]["name"] == bridge and [a["containerID"] for a in network["attachments"]] == ["p1"]
+    assert network["pools"][0]["subnet"] == "10.244.1.0/24" and network["pools"][0]["used"] == 1
+    picture = ns.exec(*argv, "--dot", check=False, env=env).stdout
+    assert "10.244.2.0/24" in picture and "uplink eth0" in picture
