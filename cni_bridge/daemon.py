@@ -601,9 +601,9 @@ class Worker:
         self.daemon._set_slot(self.slot, started)
         faults.set_step_check(self._step_check(started + self.options.request_timeout, conn))
         verb = env.get("CNI_COMMAND", "")
-        self.daemon.metrics.call_started(verb)
         code = 1
         try:
+            self.daemon.metrics.call_started(verb)
             code = self.daemon.execute(env, stdin, out, err)
         except BaseException as exc:   # isolate anything the runner did not turn into a CNI error
             if not isinstance(exc, CNIError):

@@ -14,12 +14,17 @@ so `start()` sets it before that import; `NoMetrics` stands in when off.
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
+
+log = logging.getLogger("cni-bridge.daemon")
+F = TypeVar("F", bound=Callable[..., Any])
 
 PREFIX = "cni_bridge_daemon"
 # CNI calls take milliseconds through the daemon, seconds when iptables or the store lock is slow.
@@ -53,6 +58,18 @@ def call_result(exit_status: int, stdout: str) -> str:
     except (ValueError, AttributeError):
         code = None
     return str(code) if isinstance(code, int) else "unknown"
+
+
+def _never_fails(hook: F) -> F:
+    """Counting must never fail or delay a CNI call (say the metrics files' disk is full)."""
+    @functools.wraps(hook)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(*args, **kwargs)
+        except Exception as exc:
+            log.warning("metrics: %s failed: %s", hook.__name__, exc)
+            return None
+    return run  # type: ignore[return-value]
 
 
 class NoMetrics:
@@ -115,21 +132,26 @@ class DaemonMetrics(NoMetrics):
     def fileno(self) -> Optional[int]:
         return self._server.fileno()
 
+    @_never_fails
     def serve_one(self) -> None:
         self._server.handle_request()
 
     # hooks ------------------------------------------------------------------------
+    @_never_fails
     def call_started(self, verb: str) -> None:
         self.in_flight.inc()
 
+    @_never_fails
     def call_finished(self, verb: str, result: str, seconds: float) -> None:
         self.in_flight.dec()
         self.calls.labels(verb_label(verb), result).inc()
         self.latency.labels(verb_label(verb)).observe(seconds)
 
+    @_never_fails
     def fallback(self, reason: str) -> None:
         self.fallbacks.labels(reason).inc()
 
+    @_never_fails
     def worker_exited(self, pid: int, how: str, restarted: bool, lost_call: bool) -> None:
         """`how`: "signal", "error" (non-zero exit) or "recycled" (served its share of calls)."""
         # A dead worker's live gauges (its in-flight call) must stop counting; its counters stay.
@@ -181,6 +203,9 @@ def _scrape_server(address: tuple[str, int], registry: Any) -> Any:
         address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         timeout = 0   # handle_request() after select() said ready: never block
 
+        def handle_error(self, request: Any, client_address: Any) -> None:   # one line, no traceback
+            log.info("metrics: a scrape from %s failed", client_address)
+
     return make_server(address[0], address[1], make_wsgi_app(registry), server_class=Server,
                        handler_class=Handler)
 
@@ -204,7 +229,12 @@ class _NodeCollector:
         free = GaugeMetricFamily("cni_bridge_ipam_addresses_free",
                                  "Addresses ADD can still hand out (an earlier boot's count as free), "
                                  "per network and range", labels=["network", "range"])
-        for network, pools in network_pools(self.conf_dir):
+        try:
+            found = network_pools(self.conf_dir)
+        except Exception as exc:   # the other metrics still get out
+            log.warning("metrics: cannot read the IPAM pools of %s: %s", self.conf_dir, exc)
+            found = []
+        for network, pools in found:
             for pool in pools:
                 used.add_metric([network, pool.label], pool.used)
                 free.add_metric([network, pool.label], pool.free)

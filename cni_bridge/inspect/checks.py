@@ -107,7 +107,7 @@ def conf_files(reading: Reading) -> list[Check]:
 def plugins_present(reading: Reading) -> list[Check]:
     checks = []
     bin_dir = reading.options.bin_dir
-    for conf_file in conflist.read_conf_dir(reading.options.conf_dir):
+    for conf_file in reading.files:
         seen = set()
         for plugin in conf_file.plugins:
             for name in conflist.executables(plugin):

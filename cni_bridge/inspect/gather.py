@@ -23,7 +23,7 @@ from .. import conflist, masq
 from ..conflist import PLUGIN_TYPE, ConfFile, PluginConf
 from ..plan import configured_ip_versions, host_veth_name
 from ..protocol.errors import CNIError
-from . import daemon_probe, model, pools
+from . import daemon_probe, pools
 from .model import Attachment, Bridge, ConfFileView, Network, NodeView, PeerRoute, Port
 
 DEFAULT_CACHE_DIR = "/var/lib/cni"       # libcni's result cache: <dir>/results/<net>-<cid>-<ifname>
@@ -43,7 +43,6 @@ class Options:
 class NetworkFacts:
     plugin: PluginConf
     conf_file: ConfFile
-    config_error: Optional[CNIError] = None
     ip_versions: set[int] = field(default_factory=set)
     store_error: str = ""
     findings: list[Finding] = field(default_factory=list)      # cni-ipam check's, for this network
@@ -54,6 +53,7 @@ class NetworkFacts:
 @dataclass
 class Reading:
     view: NodeView
+    files: list[ConfFile]
     facts: list[tuple[Network, NetworkFacts]]
     options: Options
 
@@ -79,7 +79,7 @@ def read_node(options: Options, netlink_factory: Any = None) -> Reading:
         host.close()
     view.cluster_masquerade = _agent_masquerade()
     view.daemon = daemon_probe.probe(_daemon_socket(options, files))
-    return Reading(view, facts, options)
+    return Reading(view, files, facts, options)
 
 
 def _netlink(netns: Optional[str]) -> Any:
@@ -111,10 +111,6 @@ def _read_network(conf_file: ConfFile, plugin: PluginConf, host: Any, by_name: d
     config = plugin.config
     ipam = config.get("ipam") if isinstance(config.get("ipam"), dict) else {}
     facts = NetworkFacts(plugin, conf_file, ip_versions=configured_ip_versions(ipam))
-    try:
-        conflist.validate_for_add(config)
-    except CNIError as err:
-        facts.config_error = err
     network = Network(
         name=conf_file.name, file=conf_file.path, cni_version=conf_file.cni_version, plugins=conf_file.types,
         bridge=_bridge(host, by_name, links, _text(config.get("bridge"), "cni0")),
@@ -283,4 +279,4 @@ def _runtime_cache(cache_dir: str) -> dict[tuple[str, str, str], dict[str, str]]
     return found
 
 
-__all__ = ["Options", "Reading", "NetworkFacts", "read_node", "model"]
+__all__ = ["Options", "Reading", "NetworkFacts", "read_node"]
