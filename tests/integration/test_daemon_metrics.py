@@ -29,7 +29,7 @@ SCRAPE = ("import sys, urllib.request; "
 
 
 class MetricsDaemon:
-    def __init__(self, host, tmp: Path, conf_dir: Path) -> None:
+    def __init__(self, host, tmp: Path, conf_dir: Path, path_env: str = "") -> None:
         self.host, self.socket, self.log = host, tmp / "run" / "daemon.sock", tmp / "daemon.log"
         argv = ["ip", "netns", "exec", host.netns.name, str(VENV_BIN / "cni-bridge"), "daemon",
                 "--socket", str(self.socket), "--workers", "2", "--log-level", "DEBUG",
@@ -37,7 +37,7 @@ class MetricsDaemon:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                          start_new_session=True,
-                                         env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")})
+                                         env={"PATH": path_env or os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")})
         wait_for(lambda: unix_socket_listening(self.socket) or self.proc.poll() is not None, "the daemon")
         assert self.proc.poll() is None, self.log.read_text()
 
@@ -162,3 +162,37 @@ def test_inspect_shows_the_daemon(setup):
     proc = cni_host.netns.exec(str(VENV_BIN / "cni-bridge"), "inspect", "--conf-dir", str(conf_dir), "--json",
                                "--bin-dir", str(cni_host.cni_path), check=False)
     assert json.loads(proc.stdout)["daemon"]["reachable"] is False
+
+
+def test_a_scrape_during_a_call_sees_it_in_flight(cni_host, tmp_path, make_netns):
+    """A worker held inside ADD (its iptables-restore waits for a gate) while the supervisor answers scrapes."""
+    from tests.integration.test_daemon import gated_iptables_restore
+
+    gated_bin, gate = gated_iptables_restore(tmp_path)
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    daemon = MetricsDaemon(cni_host, tmp_path, conf_dir, f"{gated_bin}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}")
+    try:
+        conf = {"cniVersion": "1.0.0", "name": NET, "type": "cni-bridge", "bridge": unique("bg"), "isGateway": True,
+                "ipMasq": True, "daemonSocket": str(daemon.socket),
+                "ipam": {"type": "cni-ipam", "dataDir": str(cni_host.data_dir), "ranges": [[{"subnet": "10.97.0.0/24"}]]}}
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin"), "CNI_COMMAND": "ADD",
+               "CNI_PATH": str(cni_host.cni_path), "CNI_CONTAINERID": "held", "CNI_NETNS": make_netns("p").path,
+               "CNI_IFNAME": "eth0"}
+        client = subprocess.Popen(["ip", "netns", "exec", cni_host.netns.name, str(cni_host.cni_path / "cni-bridge")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env)
+        client.stdin.write(json.dumps(conf))
+        client.stdin.close()
+        wait_for(lambda: Path(f"{gate}.entered").exists(), "the ADD to reach the masquerade step")
+        found = daemon.scrape()
+        assert value(found, "cni_bridge_daemon_calls_in_flight") == 1
+        assert value(found, "cni_bridge_daemon_calls_total", verb="ADD", result="0") == 0
+        gate.touch()
+        assert client.wait(120) == 0, client.stdout.read() + client.stderr.read()
+        found = daemon.scrape()
+        assert value(found, "cni_bridge_daemon_calls_in_flight") == 0
+        assert value(found, "cni_bridge_daemon_calls_total", verb="ADD", result="0") == 1
+    finally:
+        gate.touch()
+        daemon.stop()
