@@ -40,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="libcni's cache, for pod names from CNI_ARGS (%(default)s)")
     parser.add_argument("--daemon-socket", help="the node daemon's socket (default: the conflists' "
                                                 "daemonSocket, else /run/cni-bridge/daemon.sock)")
-    parser.add_argument("--no-pod-links", action="store_true",
-                        help="do not enter pod namespaces (no pod MACs; faster on big nodes)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     return parser
 
@@ -49,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     args = build_parser().parse_args(argv)
     options = gather.Options(conf_dir=args.conf_dir, bin_dir=args.bin_dir, cache_dir=args.cache_dir,
-                             daemon_socket=args.daemon_socket, pod_links=not args.no_pod_links)
+                             daemon_socket=args.daemon_socket)
     try:
         view = inspect_node(options)
     except Exception as exc:   # one line, never a traceback

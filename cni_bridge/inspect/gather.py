@@ -36,7 +36,6 @@ class Options:
     bin_dir: str = "/opt/cni/bin"
     cache_dir: str = DEFAULT_CACHE_DIR
     daemon_socket: Optional[str] = None  # None: the conflists' daemonSocket, else the default path
-    pod_links: bool = True               # read each pod's interface inside its netns (its MAC)
 
 
 @dataclass
@@ -135,7 +134,7 @@ def _read_network(conf_file: ConfFile, plugin: PluginConf, host: Any, by_name: d
             masq_owners = masq.attachments(network.name)
         except CNIError as err:
             facts.masq_error = err.msg
-    network.attachments = _attachments(network, state, by_name, cache, boot_id, masq_owners, options)
+    network.attachments = _attachments(network, state, by_name, cache, boot_id, masq_owners)
     if masq_owners is not None:
         held = {(a.container_id, a.ifname) for a in network.attachments}
         facts.masq_orphans = sorted(masq_owners - held)
@@ -165,7 +164,7 @@ def _address_order(text: str) -> tuple:
 
 
 def _attachments(network: Network, state: NetworkState, by_name: dict, cache: dict, boot_id: str,
-                 masq_owners: Optional[set], options: Options) -> list[Attachment]:
+                 masq_owners: Optional[set]) -> list[Attachment]:
     grouped: dict[tuple[str, str], Attachment] = {}
     for entry in state.entries:
         r = entry.reservation
@@ -187,9 +186,8 @@ def _attachments(network: Network, state: NetworkState, by_name: dict, cache: di
         if not found.netns and r.netns:
             found.netns, found.netns_exists = r.netns, os.path.exists(r.netns)
     attachments = sorted(grouped.values(), key=lambda a: (a.container_id, a.ifname))
-    if options.pod_links:
-        for attachment in attachments:
-            attachment.mac = _pod_mac(attachment)
+    for attachment in attachments:
+        attachment.mac = _pod_mac(attachment)
     return attachments
 
 
