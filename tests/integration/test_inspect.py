@@ -34,6 +34,8 @@ ATTACHMENT_KEYS = {"containerID", "ifname", "ips", "netns", "netnsExists", "host
 POOL_KEYS = {"network", "setIndex", "subnet", "rangeStart", "rangeEnd", "gateway", "size", "used",
              "reclaimable", "free"}
 CHECK_KEYS = {"name", "verdict", "detail", "subject"}
+FILE_KEYS = {"path", "network", "cniVersion", "plugins", "valid", "error"}
+PORT_KEYS = {"name", "kind", "mac", "up"}
 DAEMON_KEYS = {"socket", "exists", "reachable", "pid", "workers", "workerPids", "uptimeSeconds",
                "metricsAddress", "error"}
 
@@ -141,6 +143,7 @@ def test_json_schema_is_stable(node, make_netns):
     assert set(network) == NETWORK_KEYS and set(network["bridge"]) == BRIDGE_KEYS
     assert set(network["attachments"][0]) == ATTACHMENT_KEYS and set(network["pools"][0]) == POOL_KEYS
     assert all(set(c) == CHECK_KEYS for c in view["checks"]) and set(view["daemon"]) == DAEMON_KEYS
+    assert set(view["files"][0]) == FILE_KEYS and set(network["bridge"]["ports"][0]) == PORT_KEYS
     assert set(view["summary"]) == {"ok", "warn", "fail", "skip"}
     assert {c["verdict"] for c in view["checks"]} <= {"ok", "warn", "fail", "skip"}
 
