@@ -142,3 +142,59 @@ def test_dot_escapes_and_marks_what_is_broken():
     if shutil.which("dot"):
         rendered = subprocess.run(["dot", "-Tsvg"], input=text, capture_output=True, text=True)
         assert rendered.returncode == 0 and rendered.stderr == "", rendered.stderr
+
+
+def facts(**kw):
+    from cni_bridge.inspect.gather import NetworkFacts
+
+    return NetworkFacts(plugin=conflist.PluginConf(0, BRIDGE), conf_file=conflist.ConfFile("/x"), **kw)
+
+
+def verdicts(found: list[Check]) -> dict[tuple[str, str], str]:
+    return {(c.name, c.subject): c.verdict for c in found}
+
+
+def test_network_checks_map_findings_to_verdicts():
+    from cni_bridge.inspect.checks import network_checks
+    from ipam.cli import Finding
+
+    network = view().networks[0]
+    found = verdicts(network_checks(network, facts(
+        findings=[Finding("n", "netns-gone", "gone", "10.1.0.3", "old", "eth0"),
+                  Finding("n", "earlier-boot", "boot x", "10.1.0.9", "prev", "eth0"),
+                  Finding("n", "temp-file", "/x/.tmp-1")],
+        masq_orphans=[("ghost", "eth0")])))
+    assert found[("leak:netns-gone", "n 10.1.0.3 old/eth0")] == FAIL
+    assert found[("leak:earlier-boot", "n 10.1.0.9 prev/eth0")] == WARN     # ADD reclaims it by itself
+    assert found[("leak:temp-file", "n")] == WARN
+    assert found[("leak:masq-rule", "n ghost/eth0")] == FAIL
+    assert found[("leak:stray-veth", "n veth99999999999")] == FAIL
+    assert found[("bridge", "n")] == OK and ("leaks", "n") not in found
+
+
+def test_no_leak_is_one_ok_line():
+    from cni_bridge.inspect.checks import network_checks
+
+    network = view().networks[0]
+    network.stray_veths = []
+    assert verdicts(network_checks(network, facts()))[("leaks", "n")] == OK
+
+
+@pytest.mark.parametrize("free, verdict", [(251, OK), (20, WARN), (0, FAIL)])
+def test_pool_verdicts(free, verdict):
+    from cni_bridge.inspect.checks import pool_checks
+
+    network = view().networks[0]
+    network.pools[0].free, network.pools[0].used = free, 253 - free
+    (check,) = pool_checks(network)
+    assert check.verdict == verdict and f"{free} free of 253" in check.detail
+
+
+def test_a_missing_bridge_fails_only_with_pods_on_it():
+    from cni_bridge.inspect.checks import network_checks
+
+    network = view().networks[0]
+    network.bridge = Bridge("cni0")
+    assert verdicts(network_checks(network, facts()))[("bridge", "n")] == FAIL
+    network.attachments = []
+    assert verdicts(network_checks(network, facts()))[("bridge", "n")] == OK
