@@ -138,9 +138,9 @@ def network_checks(network: Network, facts: NetworkFacts) -> list[Check]:
         verdict = SKIP if network.ipam_type and network.ipam_type not in ("cni-ipam", "host-local") else FAIL
         checks.append(Check("ipam store", verdict, facts.store_error, subject))
     leaks = [_finding_check(network, f) for f in facts.findings]
-    leaks += [Check("leak:masq-rule", FAIL, "masquerade rules of an attachment that holds no reservation "
-                                             "(GC removes them)", f"{subject} {cid}/{ifname}")
-              for cid, ifname in facts.masq_orphans]
+    leaks += [Check("leak:masq-rule", FAIL, f"masquerade chain {chain} belongs to no attachment that holds a "
+                                             "reservation (GC removes it)", f"{subject} {chain}")
+              for chain in facts.masq_orphans]
     leaks += [Check("leak:stray-veth", FAIL, f"host veth on {bridge.name} that no reservation names "
                                              "(a DEL that never came, or made by hand)", f"{subject} {name}")
               for name in network.stray_veths]

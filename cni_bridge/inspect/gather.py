@@ -21,7 +21,7 @@ from ipam.filestore import current_boot_id
 
 from .. import conflist, masq
 from ..conflist import PLUGIN_TYPE, ConfFile, PluginConf
-from ..plan import configured_ip_versions, host_veth_name
+from ..plan import configured_ip_versions, host_veth_name, masq_chain_name
 from ..protocol.errors import CNIError
 from . import daemon_probe, pools
 from .model import Attachment, Bridge, ConfFileView, Network, NodeView, PeerRoute, Port
@@ -46,7 +46,7 @@ class NetworkFacts:
     store_error: str = ""
     findings: list[Finding] = field(default_factory=list)      # cni-ipam check's, for this network
     masq_error: str = ""
-    masq_orphans: list[tuple[str, str]] = field(default_factory=list)   # rules whose attachment is gone
+    masq_orphans: list[str] = field(default_factory=list)   # chains of rules whose attachment is gone
 
 
 @dataclass
@@ -128,17 +128,27 @@ def _read_network(conf_file: ConfFile, plugin: PluginConf, host: Any, by_name: d
     conf = pools.ipam_conf(plugin)
     if conf is not None:
         network.pools = pools.pools(network.name, conf, [e.reservation for e in state.entries], boot_id)
-    masq_owners: Optional[set[tuple[str, str]]] = None
+    masq_chains: Optional[set[str]] = None
     if network.ip_masq:
         try:
-            masq_owners = masq.attachments(network.name)
+            masq_chains = _masq_chains(network.name)
         except CNIError as err:
             facts.masq_error = err.msg
-    network.attachments = _attachments(network, state, by_name, cache, boot_id, masq_owners)
-    if masq_owners is not None:
-        held = {(a.container_id, a.ifname) for a in network.attachments}
-        facts.masq_orphans = sorted(masq_owners - held)
+    network.attachments = _attachments(network, state, by_name, cache, boot_id, masq_chains)
+    if masq_chains is not None:
+        held = {masq_chain_name(network.name, a.container_id, a.ifname) for a in network.attachments}
+        facts.masq_orphans = sorted(masq_chains - held)
     return network, facts
+
+
+def _masq_chains(network: str) -> set[str]:
+    """The chains of the network's masquerade rules, found as GC finds them (`masq.attachments`).
+
+    It gives (container ID, ifname) pairs, or chain names in releases whose rule comments
+    may be cut short; a chain name (a digest of network, container and ifname) serves both.
+    """
+    return {item if isinstance(item, str) else masq_chain_name(network, *item)
+            for item in masq.attachments(network)}
 
 
 def _text(value: Any, default: str) -> str:
@@ -164,7 +174,7 @@ def _address_order(text: str) -> tuple:
 
 
 def _attachments(network: Network, state: NetworkState, by_name: dict, cache: dict, boot_id: str,
-                 masq_owners: Optional[set]) -> list[Attachment]:
+                 masq_chains: Optional[set[str]]) -> list[Attachment]:
     grouped: dict[tuple[str, str], Attachment] = {}
     for entry in state.entries:
         r = entry.reservation
@@ -180,7 +190,7 @@ def _attachments(network: Network, state: NetworkState, by_name: dict, cache: di
                 netns_exists=os.path.exists(r.netns) if r.netns else None,
                 host_veth=veth, host_veth_exists=link is not None, host_veth_mac=link.mac if link else "",
                 pod_name=pod.get("K8S_POD_NAME", ""), pod_namespace=pod.get("K8S_POD_NAMESPACE", ""),
-                masquerade=None if masq_owners is None else r.owner in masq_owners,
+                masquerade=None if masq_chains is None else masq_chain_name(network.name, *r.owner) in masq_chains,
                 boot=entry.boot(boot_id))
         found.ips.append(str(r.ip))
         if not found.netns and r.netns:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from cni_bridge.plan import host_veth_name, masq_chain_name
 from ipam.filestore import FileStore, current_boot_id
 from ipam.store import Reservation
 from tests.support.netns import VENV_BIN, unique
@@ -154,7 +155,7 @@ def test_leaks_are_reported(node, cni_host, make_netns):
     node.add("dead", dead)
     node.add("norsv", masq_only)
     dead.delete()                   # a deleted netns: no DEL came, the reservation stays
-    dead_veth = "veth" + hashlib.sha256(b"dead\0eth0").hexdigest()[:11]
+    dead_veth = host_veth_name("dead", "eth0")
     assert wait_until(lambda: dead_veth not in cni_host.netns.links())   # the kernel removes it a moment later
     # A reservation no pod ever had (its netns path never existed).
     store = FileStore(str(cni_host.data_dir), NET)
@@ -178,8 +179,8 @@ def test_leaks_are_reported(node, cni_host, make_netns):
     assert ("leak:netns-gone", f"{NET} {dead_ip} dead/eth0") in failed
     assert ("leak:netns-gone", f"{NET} 10.93.0.200 ghost/eth0") in failed
     assert ("leak:no-host-veth", f"{NET} {dead_ip} dead/eth0") in failed
-    assert ("leak:masq-rule", f"{NET} norsv/eth0") in failed
-    norsv_veth = "veth" + hashlib.sha256(b"norsv\0eth0").hexdigest()[:11]
+    assert ("leak:masq-rule", f"{NET} {masq_chain_name(NET, 'norsv', 'eth0')}") in failed
+    norsv_veth = host_veth_name("norsv", "eth0")
     assert {("leak:stray-veth", f"{NET} {stray}"), ("leak:stray-veth", f"{NET} {norsv_veth}")} <= set(failed)
     assert not any(subject.endswith("live/eth0") for _, subject in failed)
     dead_view = next(a for a in view["networks"][0]["attachments"] if a["containerID"] == "dead")

@@ -163,11 +163,11 @@ def test_network_checks_map_findings_to_verdicts():
         findings=[Finding("n", "netns-gone", "gone", "10.1.0.3", "old", "eth0"),
                   Finding("n", "earlier-boot", "boot x", "10.1.0.9", "prev", "eth0"),
                   Finding("n", "temp-file", "/x/.tmp-1")],
-        masq_orphans=[("ghost", "eth0")])))
+        masq_orphans=["CBR-0123456789abcdef01234567"])))
     assert found[("leak:netns-gone", "n 10.1.0.3 old/eth0")] == FAIL
     assert found[("leak:earlier-boot", "n 10.1.0.9 prev/eth0")] == WARN     # ADD reclaims it by itself
     assert found[("leak:temp-file", "n")] == WARN
-    assert found[("leak:masq-rule", "n ghost/eth0")] == FAIL
+    assert found[("leak:masq-rule", "n CBR-0123456789abcdef01234567")] == FAIL
     assert found[("leak:stray-veth", "n veth99999999999")] == FAIL
     assert found[("bridge", "n")] == OK and ("leaks", "n") not in found
 
