@@ -198,3 +198,63 @@ def test_a_missing_bridge_fails_only_with_pods_on_it():
     assert verdicts(network_checks(network, facts()))[("bridge", "n")] == FAIL
     network.attachments = []
     assert verdicts(network_checks(network, facts()))[("bridge", "n")] == OK
+
+
+def test_reading_a_node_on_the_fake_kernel(tmp_path):
+    """gather, without root: attachments from the store (dual-stack grouped per owner), host veths from the
+    link dump, pod names from libcni's cache, stray veths, pools."""
+    import ipaddress
+
+    from cni_bridge.inspect import gather
+    from cni_bridge.plan import host_veth_name
+    from ipam.filestore import FileStore, current_boot_id
+    from ipam.store import Reservation
+    from tests.unit.fake_netlink import FakeKernel
+
+    kernel = FakeKernel()
+    host = kernel.factory(None)
+    host.ensure_bridge("cni0", None, False)
+    host.add_address("cni0", ipaddress.ip_interface("10.1.0.1/24"))
+    for cid in ("web", "gone"):
+        kernel.add_netns(str(tmp_path / cid))     # paths that do not exist on disk: netns gone
+        host.add_veth(host_veth_name(cid, "eth0"), "eth0", str(tmp_path / cid), None, "")
+        host.attach(host_veth_name(cid, "eth0"), "cni0", False)
+    kernel.add_netns("stray")
+    host.add_veth("veth00000000000", "eth9", "stray", None, "")
+    host.attach("veth00000000000", "cni0", False)
+    host.delete_link(host_veth_name("gone", "eth0"))    # its pod went away without a DEL
+    host.close()
+
+    data_dir, conf_dir, cache = tmp_path / "ipam", tmp_path / "net.d", tmp_path / "cache" / "results"
+    conf_dir.mkdir()
+    cache.mkdir(parents=True)
+    write(conf_dir, "10.conflist", {"cniVersion": "1.0.0", "name": "n", "plugins": [
+        {**BRIDGE, "ipam": {"type": "cni-ipam", "dataDir": str(data_dir),
+                            "ranges": [[{"subnet": "10.1.0.0/24"}], [{"subnet": "fd01::/120"}]]}}]})
+    (cache / "n-web-eth0").write_text(json.dumps({"kind": "cniCacheV1", "containerId": "web", "ifName": "eth0",
+                                                  "networkName": "n", "cniArgs": [["K8S_POD_NAME", "web-0"],
+                                                                                  ["K8S_POD_NAMESPACE", "shop"]]}))
+    store = FileStore(str(data_dir), "n")
+    with store.locked():
+        for ip, cid in (("10.1.0.2", "web"), ("fd01::2", "web"), ("10.1.0.3", "gone")):
+            store.put(Reservation(ipaddress.ip_address(ip), cid, "eth0", current_boot_id(), 1.0,
+                                  netns=str(tmp_path / cid)))
+        store.set_owned(("web", "eth0"), [ipaddress.ip_address("10.1.0.2"), ipaddress.ip_address("fd01::2")])
+        store.set_owned(("gone", "eth0"), [ipaddress.ip_address("10.1.0.3")])
+
+    options = gather.Options(conf_dir=str(conf_dir), bin_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
+                             daemon_socket=str(tmp_path / "none.sock"))
+    reading = gather.read_node(options, netlink_factory=kernel.factory)
+    (network,) = reading.view.networks
+    assert network.bridge.exists and network.bridge.addresses == ["10.1.0.1/24"]
+    web, gone = sorted(network.attachments, key=lambda a: a.container_id != "web")
+    assert (web.container_id, web.ips, web.pod_name, web.pod_namespace) == ("web", ["10.1.0.2", "fd01::2"],
+                                                                           "web-0", "shop")
+    assert web.host_veth_exists and web.netns_exists is False and web.masquerade is None
+    assert gone.host_veth_exists is False
+    assert network.stray_veths == ["veth00000000000"]
+    assert [(p.subnet, p.used, p.free) for p in network.pools] == [("10.1.0.0/24", 2, 251), ("fd01::/120", 1, 253)]
+    (_, facts), = reading.facts
+    assert {(f.kind, f.container_id) for f in facts.findings} >= {("netns-gone", "web"), ("netns-gone", "gone")}
+    assert reading.view.daemon is not None and reading.view.daemon.exists is False
+    assert not kernel.open_handles()      # the host handle is closed
