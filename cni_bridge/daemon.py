@@ -63,6 +63,7 @@ from typing import Callable, Optional, TextIO
 
 from . import daemon_client as wire
 from . import faults
+from . import metrics as daemon_metrics
 from .protocol.errors import CNIError, Code
 
 log = logging.getLogger("cni-bridge.daemon")
@@ -78,6 +79,7 @@ CAP_NET_ADMIN = 12          # capability bit the peer must hold
 MAX_REQUESTS_PER_WORKER = 1000   # then the worker is replaced (bounds any slow leak)
 BACKLOG = 256               # a burst of pods queues here while the workers are busy
 ALLOWED_UIDS = frozenset({0})
+DEFAULT_CONF_DIR = "/etc/cni/net.d"
 _SLOT = struct.Struct("d")  # per-worker start time of the call in progress, 0 when idle
 _PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -101,6 +103,14 @@ class ClientGone(CNIError):
 class Refused(Exception):
     """A request the daemon will not run; the client falls back to in-process execution."""
 
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind   # the metrics label of the fallback
+
+
+class StatusAsked(Exception):
+    """The request is `cni-bridge inspect` asking how the daemon is, not a CNI call."""
+
 
 @dataclass
 class Options:
@@ -112,6 +122,8 @@ class Options:
     allowed_uids: frozenset = field(default_factory=lambda: ALLOWED_UIDS)
     read_timeout: float = READ_TIMEOUT
     required_capability: Optional[int] = CAP_NET_ADMIN
+    metrics_address: Optional[str] = None   # HOST:PORT of the Prometheus endpoint; off when None
+    conf_dir: str = DEFAULT_CONF_DIR         # the conflists whose IPAM pools the metrics report
 
 
 # -- entry point ------------------------------------------------------------------
@@ -157,11 +169,21 @@ def _parse(argv: list[str]) -> tuple[Options, str, float]:
                         help=f"seconds a call may run before it fails with code 11 (default {REQUEST_TIMEOUT:g}, "
                              f"at most {MAX_REQUEST_TIMEOUT:g})")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument("--metrics-address", metavar="HOST:PORT",
+                        help="serve Prometheus metrics over HTTP there (off by default; e.g. 127.0.0.1:9153)")
+    parser.add_argument("--conf-dir", default=DEFAULT_CONF_DIR,
+                        help=f"conflists whose IPAM pool usage the metrics report (default {DEFAULT_CONF_DIR})")
     args = parser.parse_args(argv)
     if args.workers < 1 or args.request_timeout <= 0:
         parser.error("--workers and --request-timeout must be positive")
+    if args.metrics_address:
+        try:
+            daemon_metrics.parse_address(args.metrics_address)
+        except ValueError as exc:
+            parser.error(f"--metrics-address: {exc}")
     options = Options(socket_path=args.socket, workers=args.workers,
-                      request_timeout=min(args.request_timeout, MAX_REQUEST_TIMEOUT))
+                      request_timeout=min(args.request_timeout, MAX_REQUEST_TIMEOUT),
+                      metrics_address=args.metrics_address, conf_dir=args.conf_dir)
     return options, args.log_level, args.request_timeout
 
 
@@ -203,6 +225,8 @@ class Daemon:
         self.wake_fds: tuple[int, ...] = ()
         self._spawn_times: list[float] = []
         self.netns = wire.netns_id()   # the network namespace every call must be made in
+        self.started = time.time()
+        self.metrics: daemon_metrics.NoMetrics = daemon_metrics.NoMetrics()
 
     def run(self) -> int:
         # Warm up before the socket exists: until then plugins run in-process
@@ -212,6 +236,7 @@ class Daemon:
         gc.freeze()   # workers share the warm heap instead of copying it on the first GC
         self.listener = self._listen()
         try:
+            self._start_metrics()
             self.slots = mmap.mmap(-1, _SLOT.size * self.options.workers)
             wake_r, wake_w = self.wake_fds = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             signal.set_wakeup_fd(wake_w)
@@ -223,9 +248,12 @@ class Daemon:
                 self._spawn(slot)
             log.info("serving on %s with %d workers (pid %d)", self.options.socket_path,
                      self.options.workers, os.getpid())
+            scrapes = [fd for fd in (self.metrics.fileno(),) if fd is not None]
             while not self.stopping:
                 try:
-                    select.select([wake_r], [], [], 1.0)
+                    ready, _, _ = select.select([wake_r] + scrapes, [], [], 1.0)
+                    if scrapes and scrapes[0] in ready:
+                        self.metrics.serve_one()
                     os.read(wake_r, 512)
                 except (BlockingIOError, InterruptedError):
                     pass
@@ -234,8 +262,28 @@ class Daemon:
             return self._shut_down()
         finally:
             self._remove_socket()
+            self.metrics.close()
             if self.listener is not None:
                 self.listener.close()
+
+    def _start_metrics(self) -> None:
+        address = self.options.metrics_address
+        if not address:
+            return
+        try:
+            self.metrics = daemon_metrics.start(address, os.path.dirname(os.path.abspath(self.options.socket_path)),
+                                                self.options.conf_dir, self.options.workers)
+        except OSError as exc:
+            raise DaemonError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+        log.info("metrics on http://%s:%d/metrics", *self.metrics.address)
+
+    def status(self) -> dict:
+        """What `cni-bridge inspect` shows of the daemon (answered by a worker, a fork of the supervisor)."""
+        supervisor = os.getppid()
+        address = self.metrics.address
+        return {"pid": supervisor, "workers": self.options.workers, "workerPids": _children(supervisor),
+                "uptimeSeconds": round(time.time() - self.started, 1),
+                "metrics": f"{address[0]}:{address[1]}" if address else None}
 
     def _on_stop(self, signum: int, frame: object) -> None:
         self.stopping = True
@@ -342,6 +390,8 @@ class Daemon:
             if os.WIFSIGNALED(status) or os.WEXITSTATUS(status) != 0:
                 log.warning("worker %d died (%s)%s", pid, _describe_status(status),
                             "; its call was lost and the plugin falls back to in-process" if busy else "")
+            how = "signal" if os.WIFSIGNALED(status) else "error" if os.WEXITSTATUS(status) else "recycled"
+            self.metrics.worker_exited(pid, how, restarted=respawn and not self.stopping, lost_call=bool(busy))
             if respawn and not self.stopping:
                 self._spawn(slot)
 
@@ -371,6 +421,14 @@ class Daemon:
         self._reap(respawn=False)
         log.info("stopped")
         return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return sorted(int(p) for p in f.read().split())
+    except (OSError, ValueError):
+        return []
 
 
 def _kill(pid: int, signum: int) -> None:
@@ -403,6 +461,7 @@ class Worker:
         assert self.listener is not None
         for fd in self.daemon.wake_fds:
             os.close(fd)
+        self.daemon.metrics.close_inherited()
         parent = os.getppid()
         _set_parent_death_signal(signal.SIGTERM)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -451,6 +510,7 @@ class Worker:
             with conn:
                 conn.settimeout(1.0)
                 _send(conn, {"v": wire.VERSION, "refused": "the daemon is stopping"})
+                self.daemon.metrics.fallback("stopping")
 
     # one connection ------------------------------------------------------------
     def _serve(self, conn: socket.socket) -> None:
@@ -460,6 +520,10 @@ class Worker:
                 env, stdin = self._read_request(conn)
             except Refused as why:
                 _send(conn, {"v": wire.VERSION, "refused": str(why)})
+                self.daemon.metrics.fallback(why.kind)
+                return
+            except StatusAsked:
+                _send(conn, {"v": wire.VERSION, "status": self.daemon.status()})
                 return
             except (OSError, EOFError) as exc:
                 log.info("dropped a connection: %s", exc)
@@ -495,28 +559,31 @@ class Worker:
         pid, uid, gid = struct.unpack("3i", creds)
         if uid not in self.options.allowed_uids:
             log.warning("refused a connection from pid %d uid %d", pid, uid)
-            raise Refused(f"uid {uid} may not use this daemon")
+            raise Refused(f"uid {uid} may not use this daemon", "uid")
         capability = self.options.required_capability
         if capability is not None and not _has_capability(pid, capability):
             # In-process the call would lack it too: let it fail there, the same way.
             log.warning("refused a connection from pid %d without CAP_NET_ADMIN", pid)
-            raise Refused("the caller lacks CAP_NET_ADMIN")
+            raise Refused("the caller lacks CAP_NET_ADMIN", "capability")
         deadline = time.monotonic() + self.options.read_timeout   # for the whole request, not per read
         size = int.from_bytes(_recv_exact_by(conn, 4, deadline), "big")
         if size > self.options.max_request_bytes:
-            raise Refused(f"request of {size} bytes exceeds the limit of {self.options.max_request_bytes}")
+            raise Refused(f"request of {size} bytes exceeds the limit of {self.options.max_request_bytes}",
+                          "too-large")
         try:
             msg = json.loads(_recv_exact_by(conn, size, deadline))
+            if isinstance(msg, dict) and msg.get("status") is True and msg.get("v") == wire.VERSION:
+                raise StatusAsked()
             env, stdin = msg["env"], binascii.a2b_base64(msg["stdin"])
         except (ValueError, KeyError, TypeError, binascii.Error):
-            raise Refused("malformed request") from None
+            raise Refused("malformed request", "malformed") from None
         if msg.get("v") != wire.VERSION:   # a plugin from another release: let it run in-process
-            raise Refused(f"protocol version {msg.get('v')!r} is not {wire.VERSION}")
+            raise Refused(f"protocol version {msg.get('v')!r} is not {wire.VERSION}", "version")
         netns = msg.get("netns")
         if netns is not None and netns != self.daemon.netns:
-            raise Refused("the plugin runs in another network namespace than the daemon")
+            raise Refused("the plugin runs in another network namespace than the daemon", "netns")
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise Refused("malformed request: env must map strings to strings")
+            raise Refused("malformed request: env must map strings to strings", "malformed")
         return {k: v for k, v in env.items() if k.startswith(wire.ENV_PREFIX)}, stdin
 
     def _call(self, env: dict, stdin: bytes, conn: Optional[socket.socket]) -> dict:
@@ -533,7 +600,10 @@ class Worker:
         started = time.monotonic()
         self.daemon._set_slot(self.slot, started)
         faults.set_step_check(self._step_check(started + self.options.request_timeout, conn))
+        verb = env.get("CNI_COMMAND", "")
+        code = 1
         try:
+            self.daemon.metrics.call_started(verb)
             code = self.daemon.execute(env, stdin, out, err)
         except BaseException as exc:   # isolate anything the runner did not turn into a CNI error
             if not isinstance(exc, CNIError):
@@ -543,6 +613,8 @@ class Worker:
             _write_error(out, exc, stdin)
             err.write(f"{exc}\n")
         finally:
+            self.daemon.metrics.call_finished(verb, daemon_metrics.call_result(code, out.getvalue()),
+                                              time.monotonic() - started)
             faults.set_step_check(None)
             self.daemon._set_slot(self.slot, 0.0)
             _restore_logging(root, handlers, level)

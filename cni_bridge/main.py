@@ -34,10 +34,17 @@ def _daemon(argv: list[str]) -> int:
     return daemon_main(argv)
 
 
+def _inspect(argv: list[str]) -> int:
+    from .inspect.cli import main as inspect_main
+
+    return inspect_main(argv)
+
+
 # `cni-bridge NAME ARGS...` with CNI_COMMAND unset runs a subcommand: NAME -> function(ARGS).
 SUBCOMMANDS = {
     "agent": _agent,
     "daemon": _daemon,
+    "inspect": _inspect,
 }
 
 

@@ -207,6 +207,10 @@ class Netlink:
         not for state that changes (up, master, a bridge's MAC as ports come and go)."""
         return self._seen.get(name) or self.link(name)
 
+    def links(self) -> list[Link]:
+        """Every link of the namespace, in one dump (for read-only views such as `inspect`)."""
+        return [self._to_link(msg) for msg in self.ipr.get_links()]
+
     def _to_link(self, msg: Any) -> Link:
         info = msg.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info else ""
@@ -459,3 +463,43 @@ class Netlink:
         except Exception as exc:
             if _code(exc) != errno.EEXIST:
                 raise
+
+
+# -- a cheap read for views over many namespaces ------------------------------------------
+_RTM_NEWLINK, _RTM_GETLINK, _NLMSG_ERROR = 16, 18, 2
+_NLM_F_REQUEST = 1
+_IFLA_ADDRESS, _IFLA_IFNAME = 1, 3
+
+
+def link_mac(netns: str, ifname: str) -> Optional[str]:
+    """The MAC of link `ifname` in the namespace at `netns`, None when either is missing.
+
+    One RTM_GETLINK on a bare socket: `inspect` reads one link in each of
+    hundreds of pod namespaces, where an IPRoute per namespace costs ~5 ms.
+    """
+    import struct
+
+    try:
+        sock = _socket_in_netns(netns)
+    except OSError:
+        return None
+    with sock:
+        name = ifname.encode() + b"\0"
+        attr = struct.pack("HH", 4 + len(name), _IFLA_IFNAME) + name
+        attr += b"\0" * (-len(attr) % 4)
+        body = struct.pack("BxHiII", 0, 0, 0, 0, 0) + attr            # struct ifinfomsg, then the name
+        sock.sendto(struct.pack("IHHII", 16 + len(body), _RTM_GETLINK, _NLM_F_REQUEST, 1, 0) + body, (0, 0))
+        sock.settimeout(5.0)
+        data = sock.recv(65536)
+    length, kind = struct.unpack_from("IH", data)
+    if kind != _RTM_NEWLINK:
+        return None   # NLMSG_ERROR: no such link
+    offset = 16 + 16
+    while offset + 4 <= length:
+        size, attr_type = struct.unpack_from("HH", data, offset)
+        if size < 4:
+            break
+        if attr_type == _IFLA_ADDRESS:
+            return ":".join(f"{b:02x}" for b in data[offset + 4:offset + size])
+        offset += (size + 3) & ~3
+    return None

@@ -17,6 +17,19 @@ from .config import Range, RangeSet
 from .store import Owner, Reservation, Store
 
 
+@dataclass
+class RangeUsage:
+    set_index: int
+    range: Range
+    size: int               # addresses ADD may hand out (the gateway excluded)
+    used: int = 0           # held in this boot (or by host-local, which records no boot)
+    reclaimable: int = 0    # held by an earlier boot's reservation: ADD takes it when needed
+
+    @property
+    def free(self) -> int:
+        return self.size - self.used
+
+
 @dataclass(frozen=True)
 class Allocation:
     ip: IPAddress
@@ -244,12 +257,29 @@ class Allocator:
     def free_count(self, index: int) -> int:
         """How many addresses of a range set ADD could hand out (gateway excluded): an earlier
         boot's reservation counts as free, since ADD reclaims it when nothing else is left."""
-        range_set = self.range_sets[index]
-        gateways = {r.gateway_ip for r in range_set if r.contains(r.gateway_ip)}
-        total = sum(r.size() for r in range_set) - len(gateways)
-        taken = sum(1 for r in self.store.reservations()
-                    if self._set_of(r.ip) == index and r.ip not in gateways and not self._reclaimable(r))
-        return total - taken
+        return sum(u.free for u in self.usage() if u.set_index == index)
+
+    def usage(self) -> list["RangeUsage"]:
+        """Per range of every set: addresses ADD can hand out, held, and held by an earlier
+        boot (counted as free: ADD reclaims them). Reads the store once; takes no lock."""
+        per_range: dict[tuple[int, int], RangeUsage] = {}
+        gateways: dict[int, set[IPAddress]] = {}
+        for index, range_set in enumerate(self.range_sets):
+            gateways[index] = {r.gateway_ip for r in range_set if r.contains(r.gateway_ip)}
+            for position, rng in enumerate(range_set):
+                inside = sum(1 for gw in gateways[index] if rng.contains(gw))
+                per_range[(index, position)] = RangeUsage(index, rng, rng.size() - inside)
+        for reservation in self.store.reservations():
+            index = self._set_of(reservation.ip)
+            if index is None or reservation.ip in gateways[index]:
+                continue
+            position = next(p for p, r in enumerate(self.range_sets[index]) if r.contains(reservation.ip))
+            usage = per_range[(index, position)]
+            if self._reclaimable(reservation):
+                usage.reclaimable += 1
+            else:
+                usage.used += 1
+        return list(per_range.values())
 
 
 def _legacy(owner: Owner) -> Owner:

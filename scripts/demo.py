@@ -119,6 +119,22 @@ def tcp_exchange(server_pod: str, server_ip: str, client_ns: str, target: str = 
         server.wait(timeout=15)
 
 
+def show_node(node: Node, workdir: Path) -> None:
+    """`cni-bridge inspect` of the demo node, and its --dot picture rendered to docs/node.svg."""
+    conf_dir = workdir / "net.d"
+    conf_dir.mkdir(exist_ok=True)
+    (conf_dir / CONFLIST.name).write_text(json.dumps(node.conflist, indent=2))
+    argv = [str(VENV_BIN / "cni-bridge"), "inspect", "--conf-dir", str(conf_dir), "--bin-dir", str(node.bin)]
+    print("\n$ cni-bridge inspect")
+    print(textwrap.indent(in_ns(node.ns, *argv, check=False).stdout, "  "), end="")
+    graph = in_ns(node.ns, *argv, "--dot", check=False).stdout
+    if shutil.which("dot") is None:
+        print("(graphviz's dot is missing: no docs/node.svg)")
+        return
+    sh("dot", "-Tsvg", "-o", str(REPO / "docs" / "node.svg"), input=graph)
+    print("picture of the node (cni-bridge inspect --dot | dot -Tsvg): docs/node.svg")
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root (it creates network namespaces)", file=sys.stderr)
@@ -170,6 +186,7 @@ def main() -> int:
             ok = ok and f"hello {OUTSIDE_HOST}" in forwarded
         else:
             print("\nport forwarding skipped: no portmap plugin (apt-get install containernetworking-plugins)")
+        show_node(node, workdir)
     finally:
         for pod in reversed(node.pods):
             if pod in results:

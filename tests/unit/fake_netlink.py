@@ -181,6 +181,10 @@ class FakeNetlink:
     def known_link(self, name: str) -> Optional[Link]:
         return self.link(name)
 
+    def links(self) -> list[Link]:
+        self._op("links")
+        return [link.snapshot() for link in self.ns.links.values()]
+
     def ensure_bridge(self, name: str, mtu: Optional[int], promisc: bool) -> Link:
         self._op("ensure_bridge")
         link = self.ns.links.get(name)

@@ -143,3 +143,45 @@ def test_cni_bridge_status_with_in_process_ipam_never_loads_pyroute2(tmp_path):
     rc, out, loaded = probe(call, env, ipam_config(tmp_path))
     assert rc == 0, out
     assert "pyroute2" not in loaded
+
+
+# -- the node view and the daemon's metrics stay off the plugin's path ------------------------
+
+NODE_TOOLS = ("prometheus_client", "cni_bridge.metrics", "cni_bridge.inspect", "cni_bridge.conflist")
+
+
+def test_only_the_metrics_module_imports_prometheus_client():
+    importers = sorted(module_name(p) for p in ALL_FILES
+                       if any(top(m) == "prometheus_client" for m in imported_modules(p)))
+    assert importers == ["cni_bridge.metrics"]
+
+
+@pytest.mark.parametrize("path", [p for p in ALL_FILES if not module_name(p).startswith(
+    ("cni_bridge.inspect", "cni_bridge.metrics", "cni_bridge.daemon", "cni_bridge.main"))], ids=module_name)
+def test_plugin_modules_never_import_the_node_tools(path):
+    """Only `inspect` itself, the daemon (metrics) and main's lazy subcommand import them."""
+    assert {m for m in imported_modules(path) if m.startswith(NODE_TOOLS)} == set()
+
+
+NODE_TOOLS_PROBE = """
+import os, sys, io
+from cni_bridge.main import run_in_process
+import cni_bridge.plugin, ipam.plugin, ipam.main, cni_bridge.daemon_client
+rc = run_in_process(dict(os.environ), sys.stdin.buffer.read(), io.StringIO(), io.StringIO())
+print(",".join(sorted(m for m in sys.modules if m.startswith({tools!r}))))
+sys.exit(rc)
+"""
+
+
+def test_a_plugin_call_loads_neither_inspect_nor_metrics(tmp_path):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "CNI_COMMAND": "STATUS",
+           "CNI_PATH": "/opt/cni/bin"}
+    proc = subprocess.run([sys.executable, "-c", NODE_TOOLS_PROBE.format(tools=NODE_TOOLS)],
+                          input=ipam_config(tmp_path), cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().strip() == ""
+    # control: the probe sees them when they are imported
+    proc = subprocess.run([sys.executable, "-c", "import sys, cni_bridge.inspect.cli\n"
+                           "print(sorted(m for m in sys.modules if m.startswith(('cni_bridge.inspect', "
+                           "'cni_bridge.conflist'))))"], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert "cni_bridge.inspect.cli" in proc.stdout.decode() and "cni_bridge.conflist" in proc.stdout.decode()
