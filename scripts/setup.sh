@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(iproute2 iptables busybox-static containernetworking-plugins)
+# The overlay tests: a ping that can set DF (-M do); `make bench`: pod-to-pod throughput.
+PACKAGES+=(iputils-ping iperf3)
 if [ "${WITH_RUNTIMES:-0}" = 1 ]; then
   PACKAGES+=(golang-go golang-github-appc-cni-dev podman runc)
 fi

@@ -117,6 +117,7 @@ class PeerPlan:
     routes: list[PeerRoute] = field(default_factory=list)
     vxlan_peer: Optional[VxlanPeer] = None
     notes: list[str] = field(default_factory=list)
+    unrouted: list[IPNetwork] = field(default_factory=list)   # podCIDRs this backend cannot reach
 
 
 class DirectRoutes:
@@ -128,6 +129,7 @@ class DirectRoutes:
             via = peer.internal_ip(cidr.version)
             if via is None:
                 plan.notes.append(f"node {peer.name}: no IPv{cidr.version} InternalIP, no route to {cidr}")
+                plan.unrouted.append(cidr)
                 continue
             plan.routes.append(PeerRoute(cidr, via, peer.name))
         return plan
@@ -203,6 +205,15 @@ def plan_overlay(nodes: tuple[Node, ...], own: Node, options: OverlayOptions,
         backend = choose_backend(options.backend, underlay, peer, direct, vxlan)
         plan = backend.plan_peer(own, peer, tuple(cidrs))
         backend_of[peer.name] = backend.name
+        if plan.unrouted and vxlan is not None and backend is direct and options.backend == "auto":
+            # A dual-stack peer on this segment with an IPv4 InternalIP only: its IPv6 pods
+            # are reached through the tunnel, over the IPv4 underlay.
+            tunnel = vxlan.plan_peer(own, peer, tuple(plan.unrouted))
+            if tunnel.vxlan_peer is not None:
+                plan.routes += tunnel.routes
+                plan.vxlan_peer = tunnel.vxlan_peer
+                plan.notes = [n for n in plan.notes if not any(str(c) in n for c in plan.unrouted)]
+                backend_of[peer.name] = f"{direct.name}+{vxlan.name}"
         routes += plan.routes
         notes += plan.notes
         if plan.vxlan_peer is not None:
