@@ -124,9 +124,10 @@ def load_client(kubeconfig: Optional[str]) -> tuple[Any, Any]:
 
 
 def publisher(api: Any) -> Callable[[str, str], None]:
-    """Patch the annotation onto the agent's own Node (RBAC: `patch` on nodes)."""
+    """Patch the annotation onto the agent's own Node through the status subresource
+    (RBAC: `patch` on `nodes/status`, which cannot touch a node's spec), as flannel does."""
     def publish(node_name: str, mac: str) -> None:
-        api.patch_node(node_name, {"metadata": {"annotations": {VTEP_MAC_ANNOTATION: mac}}},
+        api.patch_node_status(node_name, {"metadata": {"annotations": {VTEP_MAC_ANNOTATION: mac}}},
                        _request_timeout=30)
     return publish
 
