@@ -117,8 +117,10 @@ def apply(state: DesiredState, conf_dir: str,
     try:
         # Before the routes: VXLAN routes name the device, which may have to be made first.
         link_index = sync_vxlan(state, netlink_factory, changes)
-    except (CNIError, AgentError) as err:
+    except AgentError as err:
         changes.errors.append(str(err))
+    except Exception as exc:   # a netlink dump refused: the rest of the pass still runs
+        changes.errors.append(f"cannot read the VXLAN device {state.vxlan_name}: {_reason(exc)}")
     try:
         sync_routes(state, netlink_factory, changes, link_index)
     except CNIError as err:
@@ -210,60 +212,53 @@ def sync_vxlan(state: DesiredState, netlink_factory: Callable[[], Any], changes:
     """The device as desired (or gone), then exactly the peers' FDB and neighbour entries.
 
     Everything is read back from the kernel, so a restarted agent adopts the device
-    and entries it made before (same index, nothing rewritten) and drops stale ones.
+    and entries it made before (same link, nothing rewritten) and drops stale ones.
     Returns {device name: link index} for the routes that go through it.
     """
-    name = state.vxlan.name if state.vxlan else state.vxlan_name
+    name = state.vxlan_name
     with netlink_factory() as nl:
         current = nl.vxlan_state(name)
         try:
-            device_plan = diff_vxlan_device(current, state.vxlan)
+            plan = diff_vxlan_device(current, state.vxlan)
         except DeviceConflict as exc:
             raise AgentError(f"cannot make the VXLAN device: {exc}; pass --vxlan-name") from None
-        if device_plan.delete and current is not None:
-            nl.delete_index(current.index)
-            changes.vxlan.append(f"{name} removed" if not device_plan.create else f"{name} made again")
-            current = None
+        if plan.delete and current is not None:
+            nl.delete_index(current.index)        # its routes, FDB and neighbour entries go with it
+            if not plan.create:
+                changes.vxlan.append(f"{name} removed")
         if state.vxlan is None:
             return {}
-        if device_plan.create:
+        if plan.create:
             try:
                 nl.create_vxlan(state.vxlan)
             except Exception as exc:
                 raise AgentError(f"cannot create the VXLAN device {name}: {_reason(exc)}") from None
-            if not changes.vxlan:
-                changes.vxlan.append(f"{name} created (VNI {state.vxlan.vni}, UDP {state.vxlan.port})")
+            changes.vxlan.append(f"{name} {'made again' if plan.delete else 'created'} "
+                                 f"(VNI {state.vxlan.vni}, UDP {state.vxlan.port}, local {state.vxlan.local})")
             current = nl.vxlan_state(name)
-            assert current is not None
-            device_plan = diff_vxlan_device(current, state.vxlan)   # only "up" is left
-        if device_plan.mtu or device_plan.mac or device_plan.up:
-            nl.set_vxlan(current.index, device_plan.mtu, device_plan.mac, device_plan.up)
-            if device_plan.mtu:
-                changes.vxlan.append(f"{name} mtu {device_plan.mtu}")
-            if device_plan.mac:
-                changes.vxlan.append(f"{name} address {device_plan.mac}")
+            if current is None:
+                raise AgentError(f"the VXLAN device {name} vanished right after it was made")
+            plan = diff_vxlan_device(current, state.vxlan)    # a new device is down: only "up" is left
+        if plan.mtu or plan.mac or plan.up:
+            nl.set_vxlan(current.index, plan.mtu, plan.mac, plan.up)
+            changes.vxlan += ([f"{name} mtu {plan.mtu}"] if plan.mtu else []) + \
+                             ([f"{name} address {plan.mac}"] if plan.mac else [])
         index = current.index
         entries = diff_vxlan_entries(nl.fdb_entries(index), nl.neighbours(index), state.vxlan_peers)
+        # Stale entries first: a moved node's MAC gets its new destination, not a second one.
         steps = ([("remove fdb", nl.delete_fdb, e) for e in entries.fdb_delete]
                  + [("remove neighbour", nl.delete_neighbour, e) for e in entries.neigh_delete]
                  + [("fdb", nl.set_fdb, e) for e in entries.fdb_set]
                  + [("neighbour", nl.set_neighbour, e) for e in entries.neigh_set])
         for what, step, entry in steps:
-            text = f"{what} {_entry_text(entry)}"
             try:
                 step(index, entry)
             except Exception as exc:
-                changes.errors.append(f"cannot {'set ' if not what.startswith('remove') else ''}{text}: "
-                                      f"{_reason(exc)}")
+                action = what if what.startswith("remove") else f"set {what}"
+                changes.errors.append(f"cannot {action} {entry}: {_reason(exc)}")
                 continue
-            changes.vxlan.append(text)
+            changes.vxlan.append(f"{what} {entry}")
         return {name: index}
-
-
-def _entry_text(entry: Any) -> str:
-    if hasattr(entry, "dst"):
-        return f"{entry.mac} dst {entry.dst}"
-    return f"{entry.ip} lladdr {entry.mac}"
 
 
 def sync_routes(state: DesiredState, netlink_factory: Callable[[], Any], changes: Changes,

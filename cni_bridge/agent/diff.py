@@ -111,11 +111,17 @@ class FdbEntry:
     mac: str
     dst: IPAddress
 
+    def __str__(self) -> str:
+        return f"{self.mac} dst {self.dst}"
+
 
 @dataclass(frozen=True)
 class NeighEntry:
     ip: IPAddress
     mac: str
+
+    def __str__(self) -> str:
+        return f"{self.ip} lladdr {self.mac}"
 
 
 @dataclass

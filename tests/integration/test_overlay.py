@@ -399,3 +399,20 @@ def test_a_restarted_agent_adopts_what_it_made_and_drops_what_went_stale(cluster
             first.kill()
             first.wait()
         first.stderr.close()
+
+
+def test_a_changed_vni_makes_the_device_again_and_only_matching_vnis_talk(cluster):
+    _converge(cluster, "auto")
+    n1 = cluster.node("node-1")
+    src, dst = cluster.pod("node-1"), cluster.pod("node-3")
+    index = n1.vxlan_index()
+    res = n1.agent(cluster.topology, "--vxlan-vni", "2")
+    assert res.returncode == 0, res.stderr
+    assert f"{VXLAN} made again (VNI 2, UDP 8472" in res.stdout
+    assert "vxlan id 2 " in n1.ns.exec("ip", "-d", "link", "show", VXLAN).stdout
+    assert n1.vxlan_index() != index
+    assert f"{cluster.node('node-3').pod_cidrs[0]} via 10.244.3.0 dev {VXLAN}" in n1.routes()
+    assert _connect(src, dst.ip(4)).returncode != 0, "node-3 (VNI 1) must drop VNI 2 frames"
+    res = n1.agent(cluster.topology)
+    assert res.returncode == 0 and f"{VXLAN} made again (VNI 1" in res.stdout
+    assert _connect(src, dst.ip(4)).stdout.strip() == src.ip(4)
