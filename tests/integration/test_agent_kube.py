@@ -110,8 +110,10 @@ def test_agent_follows_node_objects(kube_node):
     ranges = json.loads(kube_node.conf.read_text())["plugins"][0]["ipam"]["ranges"]
     assert ranges == [[{"subnet": "10.244.1.0/24"}]]
     eventually(lambda: "10.244.2.0/24 via 10.251.0.2" in kube_node.routes(), "the route to n2", agent)
-    nat = kube_node.netns.exec("iptables", "-t", "nat", "-S").stdout
-    assert "-A POSTROUTING -s 10.244.1.0/24" in nat and "-A CNI-BRIDGE-MASQ -j MASQUERADE" in nat
+    # The chain is written after the routes in the same pass: wait for the pass to finish.
+    eventually(lambda: "-A POSTROUTING -s 10.244.1.0/24" in (nat := kube_node.netns.exec("iptables", "-t", "nat",
+                                                                                          "-S").stdout)
+               and "-A CNI-BRIDGE-MASQ -j MASQUERADE" in nat, "the masquerade chain", agent)
 
     kube_node.set_nodes(("n1", "10.251.0.1", "10.244.1.0/24"), ("n2", "10.251.0.2", "10.244.2.0/24"),
                         ("n3", "10.251.0.3", "10.244.3.0/24"))
