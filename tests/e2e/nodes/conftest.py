@@ -27,6 +27,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def private_docker():
+    trust_key = Path("/etc/docker/key.json")      # where dockerd would put its key by default
+    had_key = trust_key.exists()
     engine = PrivateDocker()
     engine.start()
     try:
@@ -38,6 +40,7 @@ def private_docker():
     chains = [line for line in subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True).stdout.splitlines()
               if "DOCKER" in line]
     assert leftovers == "" and chains == [], f"Docker left links or iptables chains on the host: {leftovers} {chains}"
+    assert trust_key.exists() == had_key, "dockerd wrote /etc/docker/key.json"
 
 
 @pytest.fixture(scope="session")

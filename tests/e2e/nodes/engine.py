@@ -11,6 +11,7 @@ Whatever it does make in its namespace goes when the namespace is deleted at sto
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -64,7 +65,9 @@ class PrivateDocker:
         subprocess.run(["ip", "netns", "exec", self.netns, "ip", "link", "set", "lo", "up"], check=True)
         self.exec_root.mkdir(mode=0o700)
         config = self.exec_root / "daemon.json"
-        config.write_text("{}\n")       # not /etc/docker/daemon.json
+        # Not /etc/docker/daemon.json; and the engine's trust key (default /etc/docker/key.json)
+        # goes to the exec-root, so nothing of the engine stays on the machine.
+        config.write_text(json.dumps({"deprecated-key-path": str(self.exec_root / "key.json")}) + "\n")
         # nsenter, not `ip netns exec`: that also remounts /sys, which hides the cgroup mounts dockerd needs.
         argv = ["nsenter", f"--net=/var/run/netns/{self.netns}", "dockerd",
                 "--config-file", str(config), "--data-root", str(self.data_root),
