@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 from .desired import CONFLIST_NAME, AgentOptions
 from .overlay import BACKENDS, OverlayOptions, VxlanOptions
 from .topology import AgentError, parse_cidrs, parse_topology
+from .vtep import VTEP_MAC_ANNOTATION
 
 log = logging.getLogger("cni_bridge.agent")
 
@@ -26,6 +27,9 @@ it masquerades pod traffic that leaves the cluster CIDR (never pod-to-pod).
 Kubernetes mode (default) watches Node objects. Topology mode reads a JSON file:
   {{"clusterCIDR": "10.244.0.0/16",
    "nodes": [{{"name": "n1", "internalIP": "172.18.0.2", "podCIDR": "10.244.1.0/24"}}, ...]}}
+VXLAN needs each node's VTEP MAC: derived from its IPv4 internalIP in topology mode (a node
+may give "vtepMAC"); in Kubernetes mode each agent publishes its own as the Node annotation
+{VTEP_MAC_ANNOTATION}.
 """
 
 
