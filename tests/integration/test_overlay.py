@@ -337,6 +337,13 @@ def test_node_removal_and_address_change_converge(cluster, tmp_path):
         assert node.agent(without_n4).returncode == 0
         assert n4.ip not in node.fdb() and "10.244.4.0" not in node.neighbours()
         assert "10.244.4.0/24" not in node.routes() and "fd00:10:244:4::" not in node.routes("-6")
+    assert _connect(cluster.pod("node-1"), cluster.pod("node-4").ip(4)).returncode != 0
+    # node-4 comes back (a node added): every peer tunnels to it again.
+    _converge(cluster, "auto")
+    for node in others:
+        assert f"0e:cb:0a:fd:03:0e dst {n4.ip} self permanent" in node.fdb()
+        assert f"10.244.4.0/24 via 10.244.4.0 dev {VXLAN} onlink" in node.routes()
+    _all_pairs_keep_the_pod_source(cluster, ["node-1", "node-4"])
     # node-3 moves to another address in its subnet: its MAC (derived) and tunnel endpoint move too.
     old_ip = n3.ip
     n3.ns.exec("ip", "addr", "del", f"{old_ip}/24", "dev", "eth0")
