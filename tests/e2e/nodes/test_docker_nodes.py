@@ -175,6 +175,26 @@ def test_routes_backend_cannot_reach_the_far_node(nodes):
                "node-1's agent back on auto, and the tunnel with it")
 
 
+def test_vxlan_backend_tunnels_even_inside_kinds_network(nodes):
+    n1, n2 = nodes["node-1"], nodes["node-2"]
+    for node in (n1, n2):
+        node.stop_agent()
+    try:
+        for node in (n1, n2):
+            proc = node.exec(*node.agent_argv("--once", "--backend", "vxlan"), check=False)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "10.244.2.0/24 via 10.244.2.0 dev cni-vxlan onlink" in n1.exec("ip", "route", "show",
+                                                                                "proto", "157").stdout
+        assert n1.connect("pod-a", n2.pods["pod-a"]).stdout.strip() == n1.pods["pod-a"]
+        assert n2.connect("pod-a", n1.pods["pod-a"]).stdout.strip() == n2.pods["pod-a"]
+    finally:
+        for node in (n1, n2):
+            node.start_agent()
+    eventually(lambda: "10.244.2.0/24 via 172.31.1.12 dev eth0" in n1.exec("ip", "route", "show", "proto",
+                                                                           "157").stdout,
+               "node-1's agent back on auto: a direct route to node-2")
+
+
 def test_a_restarted_node_starts_clean_and_peers_converge(nodes, private_docker):
     n3, n1, n4 = nodes["node-3"], nodes["node-1"], nodes["node-4"]
     first = n3.pods["pod-a"]
