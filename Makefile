@@ -24,9 +24,14 @@ integration: setup
 clean:
 	rm -rf $(VENV) build dist *.egg-info
 
-.PHONY: bench bundle shim install kind-up kind-down
+.PHONY: bench bench-overlay bundle shim install kind-up kind-down
 bench: setup
 	$(PY) scripts/bench.py
+	$(PY) scripts/overlay_bench.py
+
+# Pod-to-pod across nodes alone: same node, direct route, VXLAN (scripts/overlay_bench.py).
+bench-overlay: setup
+	$(PY) scripts/overlay_bench.py
 
 # The static front end (Go, standard library only): dist/shim/cni-bridge.
 shim:

@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(iproute2 iptables busybox-static containernetworking-plugins graphviz)
+# The overlay tests: a ping that can set DF (-M do); `make bench`: pod-to-pod throughput.
+PACKAGES+=(iputils-ping iperf3)
 if [ "${WITH_RUNTIMES:-0}" = 1 ]; then
   PACKAGES+=(golang-go golang-github-appc-cni-dev podman runc containerd)
+  # Nodes as Docker containers (tests/e2e/nodes): a private dockerd, compose, the node image's rootfs.
+  PACKAGES+=(docker.io docker-compose debootstrap)
 fi
 
 missing=()
@@ -17,7 +21,15 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "setup: installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Packages such as docker.io start their service on install; the tests start private
+  # instances instead, so no service is started here (policy-rc.d 101 = "not allowed").
+  guard=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    guard=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$guard" && chmod 755 "$guard"
+  fi
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null || { [ -z "$guard" ] || rm -f "$guard"; exit 1; }
+  [ -z "$guard" ] || rm -f "$guard"
 fi
 
 VENV=${VENV:-.venv}

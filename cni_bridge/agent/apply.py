@@ -1,4 +1,5 @@
-"""Make the node hold the desired state: conflist file, bridge gateway, peer routes, masquerade chain.
+"""Make the node hold the desired state: conflist file, bridge gateway, VXLAN device and
+its entries, peer routes, masquerade chain.
 
 Each step reads what is there first and changes only what differs, so a
 second pass with the same topology writes nothing and runs no iptables
@@ -16,10 +17,12 @@ from typing import Any, Callable, Optional
 
 from .. import sysctl
 from ..protocol.errors import CNIError
-from .desired import CONFLIST_NAME, MASQ_CHAIN, ROUTE_PROTO, DesiredState, written_pod_cidrs
-from .diff import (RouteState, diff_addresses, diff_routes, masq_restore_script, masq_teardown_script,
-                   parse_nat_rules)
-from .topology import AgentError, IPNetwork
+from .desired import CONFLIST_NAME, MASQ_CHAIN, ROUTE_PROTO, AgentOptions, DesiredState, desired_state, \
+    written_pod_cidrs
+from .diff import (DeviceConflict, RouteState, diff_addresses, diff_routes, diff_vxlan_device, diff_vxlan_entries,
+                   masq_restore_script, masq_teardown_script, parse_nat_rules)
+from .overlay import OverlayOptions, Underlay
+from .topology import AgentError, IPNetwork, Topology
 
 log = logging.getLogger("cni_bridge.agent")
 
@@ -35,12 +38,13 @@ class Changes:
     routes_replaced: list[str] = field(default_factory=list)
     routes_deleted: list[str] = field(default_factory=list)
     masq_synced: list[int] = field(default_factory=list)     # families whose chain was rewritten or removed
+    vxlan: list[str] = field(default_factory=list)           # device and FDB/neighbour changes, as text
     errors: list[str] = field(default_factory=list)
 
     @property
     def any(self) -> bool:
         return bool(self.conflist_written or self.addresses_added or self.addresses_removed
-                    or self.routes_replaced or self.routes_deleted or self.masq_synced)
+                    or self.routes_replaced or self.routes_deleted or self.masq_synced or self.vxlan)
 
     def summary(self) -> str:
         failed = f" ({len(self.errors)} failed)" if self.errors else ""
@@ -53,6 +57,8 @@ class Changes:
             parts.append("bridge addresses removed: " + ", ".join(self.addresses_removed))
         if self.addresses_added:
             parts.append("bridge addresses set: " + ", ".join(self.addresses_added))
+        if self.vxlan:
+            parts.append("vxlan: " + ", ".join(self.vxlan))
         if self.routes_replaced:
             parts.append("routes set: " + ", ".join(self.routes_replaced))
         if self.routes_deleted:
@@ -63,9 +69,26 @@ class Changes:
 
 
 def _default_netlink() -> Any:
-    from ..netlink import Netlink
+    from .overlay_netlink import OverlayNetlink
 
-    return Netlink(None)
+    return OverlayNetlink(None)
+
+
+def read_underlay(topology: Topology, node_name: str,
+                  netlink_factory: Callable[[], Any] = _default_netlink) -> Optional[Underlay]:
+    """Where this node's IPv4 InternalIP lives (link, prefix, MTU); None if nowhere."""
+    address = topology.node(node_name).internal_ip(4)
+    if address is None:
+        return None
+    with netlink_factory() as nl:
+        return nl.underlay(address)
+
+
+def plan_node(topology: Topology, node_name: str, options: AgentOptions, overlay: OverlayOptions,
+              netlink_factory: Callable[[], Any] = _default_netlink) -> DesiredState:
+    """The desired state, from the topology and the one fact it needs from the kernel."""
+    underlay = read_underlay(topology, node_name, netlink_factory) if overlay.backend != "routes" else None
+    return desired_state(topology, node_name, options, overlay, underlay)
 
 
 def apply(state: DesiredState, conf_dir: str,
@@ -90,8 +113,16 @@ def apply(state: DesiredState, conf_dir: str,
         sync_bridge(state, previous, netlink_factory, changes)
     except CNIError as err:
         changes.errors.append(str(err))
+    link_index: dict[str, int] = {}
     try:
-        sync_routes(state, netlink_factory, changes)
+        # Before the routes: VXLAN routes name the device, which may have to be made first.
+        link_index = sync_vxlan(state, netlink_factory, changes)
+    except AgentError as err:
+        changes.errors.append(str(err))
+    except Exception as exc:   # a netlink dump refused: the rest of the pass still runs
+        changes.errors.append(f"cannot read the VXLAN device {state.vxlan_name}: {_reason(exc)}")
+    try:
+        sync_routes(state, netlink_factory, changes, link_index)
     except CNIError as err:
         changes.errors.append(err.msg)
     try:
@@ -177,19 +208,80 @@ def sync_bridge(state: DesiredState, previous: tuple[IPNetwork, ...],
 
 
 # -- routes -----------------------------------------------------------------------------
-def sync_routes(state: DesiredState, netlink_factory: Callable[[], Any], changes: Changes) -> None:
+def sync_vxlan(state: DesiredState, netlink_factory: Callable[[], Any], changes: Changes) -> dict[str, int]:
+    """The device as desired (or gone), then exactly the peers' FDB and neighbour entries.
+
+    Everything is read back from the kernel, so a restarted agent adopts the device
+    and entries it made before (same link, nothing rewritten) and drops stale ones.
+    Returns {device name: link index} for the routes that go through it.
+    """
+    name = state.vxlan_name
+    with netlink_factory() as nl:
+        current = nl.vxlan_state(name)
+        try:
+            plan = diff_vxlan_device(current, state.vxlan)
+        except DeviceConflict as exc:
+            raise AgentError(f"cannot make the VXLAN device: {exc}; pass --vxlan-name") from None
+        if plan.delete and current is not None:
+            nl.delete_index(current.index)        # its routes, FDB and neighbour entries go with it
+            if not plan.create:
+                changes.vxlan.append(f"{name} removed")
+        if state.vxlan is None:
+            return {}
+        if plan.create:
+            try:
+                nl.create_vxlan(state.vxlan)
+            except Exception as exc:
+                raise AgentError(f"cannot create the VXLAN device {name}: {_reason(exc)}") from None
+            changes.vxlan.append(f"{name} {'made again' if plan.delete else 'created'} "
+                                 f"(VNI {state.vxlan.vni}, UDP {state.vxlan.port}, local {state.vxlan.local})")
+            current = nl.vxlan_state(name)
+            if current is None:
+                raise AgentError(f"the VXLAN device {name} vanished right after it was made")
+            plan = diff_vxlan_device(current, state.vxlan)    # a new device is down: only "up" is left
+        if plan.mtu or plan.mac or plan.up:
+            nl.set_vxlan(current.index, plan.mtu, plan.mac, plan.up)
+            changes.vxlan += ([f"{name} mtu {plan.mtu}"] if plan.mtu else []) + \
+                             ([f"{name} address {plan.mac}"] if plan.mac else [])
+        index = current.index
+        entries = diff_vxlan_entries(nl.fdb_entries(index), nl.neighbours(index), state.vxlan_peers)
+        # Stale entries first: a moved node's MAC gets its new destination, not a second one.
+        steps = ([("remove fdb", nl.delete_fdb, e) for e in entries.fdb_delete]
+                 + [("remove neighbour", nl.delete_neighbour, e) for e in entries.neigh_delete]
+                 + [("fdb", nl.set_fdb, e) for e in entries.fdb_set]
+                 + [("neighbour", nl.set_neighbour, e) for e in entries.neigh_set])
+        for what, step, entry in steps:
+            try:
+                step(index, entry)
+            except Exception as exc:
+                action = what if what.startswith("remove") else f"set {what}"
+                changes.errors.append(f"cannot {action} {entry}: {_reason(exc)}")
+                continue
+            changes.vxlan.append(f"{what} {entry}")
+        return {name: index}
+
+
+def sync_routes(state: DesiredState, netlink_factory: Callable[[], Any], changes: Changes,
+                link_index: Optional[dict[str, int]] = None) -> None:
+    link_index = link_index or {}
     with netlink_factory() as nl:
         current = []
         for family in (4, 6):
             try:
-                current += [RouteState(r.dst, r.gw, r.proto) for r in nl.routes(family)]
+                current += [RouteState(r.dst, r.gw, r.proto, r.oif) for r in nl.routes(family)]
             except Exception as exc:  # IPv6 disabled: no routes of that family to manage
                 log.debug("cannot list IPv%d routes: %s", family, exc)
-        plan = diff_routes(current, state.routes, ROUTE_PROTO)
+        plan = diff_routes(current, state.routes, ROUTE_PROTO, link_index)
         for route in plan.replace:
-            text = f"{route.dst} via {route.via} ({route.node})"
+            text = f"{route.dst} via {route.via}" + (f" dev {route.device}" if route.device else "") + f" ({route.node})"
             try:
-                nl.replace_route(route.dst, route.via, ROUTE_PROTO)
+                if route.device:
+                    if route.device not in link_index:
+                        raise AgentError(f"no device {route.device}")
+                    nl.replace_device_route(route.dst, route.via, link_index[route.device], ROUTE_PROTO,
+                                            route.onlink)
+                else:
+                    nl.replace_route(route.dst, route.via, ROUTE_PROTO)
             except Exception as exc:
                 changes.errors.append(f"cannot set route {text}: {_reason(exc)}")
                 continue

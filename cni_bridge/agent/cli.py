@@ -10,20 +10,26 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .desired import CONFLIST_NAME, AgentOptions, desired_state
+from .desired import CONFLIST_NAME, AgentOptions
+from .overlay import BACKENDS, OverlayOptions, VxlanOptions
 from .topology import AgentError, parse_cidrs, parse_topology
+from .vtep import VTEP_MAC_ANNOTATION
 
 log = logging.getLogger("cni_bridge.agent")
 
 DESCRIPTION = f"""\
 Node agent for cni-bridge. For its own node it writes CONF_DIR/{CONFLIST_NAME}
 (cni-bridge + cni-ipam over the node's podCIDR, then portmap); for every other
-node it keeps a route <podCIDR> via <InternalIP>; it masquerades pod traffic
-that leaves the cluster CIDR (never pod-to-pod).
+node it keeps a route to its podCIDR: <podCIDR> via <InternalIP> when the node
+shares this node's subnet, through the VXLAN device when it does not (--backend);
+it masquerades pod traffic that leaves the cluster CIDR (never pod-to-pod).
 
 Kubernetes mode (default) watches Node objects. Topology mode reads a JSON file:
   {{"clusterCIDR": "10.244.0.0/16",
    "nodes": [{{"name": "n1", "internalIP": "172.18.0.2", "podCIDR": "10.244.1.0/24"}}, ...]}}
+VXLAN needs each node's VTEP MAC: derived from its IPv4 internalIP in topology mode (a node
+may give "vtepMAC"); in Kubernetes mode each agent publishes its own as the Node annotation
+{VTEP_MAC_ANNOTATION}.
 """
 
 
@@ -40,12 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     kube.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster service account, then ~/.kube/config)")
     parser.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
                         help="re-list and re-apply this often (%(default)s)")
+    overlay = parser.add_argument_group("reaching other nodes' pods")
+    overlay.add_argument("--backend", choices=BACKENDS, default="auto",
+                         help="auto: a direct route to nodes in this node's subnet, VXLAN to the others; "
+                              "routes / vxlan: that one for every node (%(default)s)")
+    defaults = VxlanOptions()
+    overlay.add_argument("--vxlan-name", default=defaults.name, help="VXLAN device (%(default)s)")
+    overlay.add_argument("--vxlan-vni", type=int, default=defaults.vni, help="VXLAN network identifier (%(default)s)")
+    overlay.add_argument("--vxlan-port", type=int, default=defaults.port,
+                         help="VXLAN UDP port (%(default)s: the Linux default, as flannel; IANA's is 4789)")
     conf = parser.add_argument_group("written conflist")
     conf.add_argument("--network-name", default=AgentOptions.network_name)
     conf.add_argument("--bridge", default=AgentOptions.bridge)
     conf.add_argument("--cni-version", default=AgentOptions.cni_version)
     conf.add_argument("--ipam-data-dir", default=AgentOptions.ipam_data_dir)
-    conf.add_argument("--mtu", type=int)
+    conf.add_argument("--mtu", type=int, help="pod MTU (default: the kernel's, or the underlay's minus 50 "
+                                                "when some node is reached by VXLAN)")
     conf.add_argument("--daemon-socket", help="socket of `cni-bridge daemon`, written as daemonSocket")
     conf.add_argument("--no-portmap", action="store_true", help="leave portmap out of the chain")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -58,6 +74,16 @@ def options_from(args: argparse.Namespace) -> AgentOptions:
         ipam_data_dir=args.ipam_data_dir, mtu=args.mtu, daemon_socket=args.daemon_socket,
         portmap=not args.no_portmap,
     )
+
+
+def overlay_from(args: argparse.Namespace) -> OverlayOptions:
+    if not 1 <= args.vxlan_vni < 2 ** 24:
+        raise AgentError(f"--vxlan-vni {args.vxlan_vni} is not a VXLAN network identifier (1..16777215)")
+    if not 1 <= args.vxlan_port <= 65535:
+        raise AgentError(f"--vxlan-port {args.vxlan_port} is not a UDP port")
+    if not 1 <= len(args.vxlan_name) <= 15 or "/" in args.vxlan_name or args.vxlan_name.strip() != args.vxlan_name:
+        raise AgentError(f"--vxlan-name {args.vxlan_name!r} is not an interface name (1-15 characters)")
+    return OverlayOptions(args.backend, VxlanOptions(args.vxlan_name, args.vxlan_vni, args.vxlan_port))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -91,13 +117,14 @@ def _read(path: str) -> str:
 
 
 def topology_mode(args: argparse.Namespace) -> int:
-    from .apply import apply
+    from .apply import apply, plan_node
 
     options = options_from(args)
+    overlay = overlay_from(args)
     while True:
         try:
             topology = parse_topology(_read(args.topology), args.topology)
-            state = desired_state(topology, args.node, options)
+            state = plan_node(topology, args.node, options, overlay)
         except AgentError as err:
             if args.once:
                 raise
@@ -124,8 +151,9 @@ def kubernetes_mode(args: argparse.Namespace, once: bool = False) -> int:
         raise AgentError("Kubernetes mode needs --cluster-cidr (kind: networking.podSubnet), "
                          "or use --topology FILE --once")
     cluster = parse_cidrs(args.cluster_cidr, "--cluster-cidr")
-    agent = kube.NodeAgent(args.node, cluster, options_from(args), args.conf_dir)
     api, watch_module = kube.load_client(args.kubeconfig)
+    agent = kube.NodeAgent(args.node, cluster, options_from(args), args.conf_dir, overlay=overlay_from(args),
+                           publish_fn=kube.publisher(api))
     if once:
         try:
             nodes = api.list_node(_request_timeout=30).items

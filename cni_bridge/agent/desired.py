@@ -1,7 +1,8 @@
 """What one node should hold, computed from the topology. Pure: no kernel, no files.
 
 - the conflist the runtime reads (cni-bridge + cni-ipam for the node's podCIDRs, portmap);
-- a route `<podCIDR> via <InternalIP>` per podCIDR of every other node;
+- a route per podCIDR of every other node, direct (`via <InternalIP>`) or through the
+  VXLAN device (see overlay.py), and the VXLAN device's forwarding and neighbour entries;
 - one nat chain per IP family that RETURNs for the cluster CIDR and
   MASQUERADEs the rest, jumped to from POSTROUTING for the node's podCIDRs;
 - on the bridge, the gateway of each own podCIDR and no other address of the cluster.
@@ -13,7 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from .topology import AgentError, IPAddress, IPNetwork, Node, Topology
+from .overlay import OverlayOptions, PeerRoute, Underlay, VxlanDevice, VxlanPeer, plan_overlay
+from .topology import AgentError, IPNetwork, Node, Topology
 
 IPInterface = Union[ipaddress.IPv4Interface, ipaddress.IPv6Interface]
 
@@ -41,13 +43,6 @@ class AgentOptions:
 
 
 @dataclass(frozen=True)
-class PeerRoute:
-    dst: IPNetwork
-    via: IPAddress
-    node: str
-
-
-@dataclass(frozen=True)
 class MasqChain:
     """One family's chain. Rules are iptables argv after `-A <chain>`, as `iptables -S` prints them."""
 
@@ -68,34 +63,44 @@ class DesiredState:
     bridge: str = AgentOptions.bridge
     gateways: tuple[IPInterface, ...] = ()   # the bridge's addresses, one per own podCIDR
     cluster_cidrs: tuple[IPNetwork, ...] = ()
+    vxlan: Optional[VxlanDevice] = None      # None: the node must hold no VXLAN device of that name
+    vxlan_name: str = OverlayOptions().vxlan.name
+    vxlan_peers: tuple[VxlanPeer, ...] = ()
 
     def conflist_bytes(self) -> bytes:
         return (json.dumps(self.conflist, indent=2) + "\n").encode()
 
 
-def desired_state(topology: Topology, node_name: str, options: AgentOptions = AgentOptions()) -> DesiredState:
+def desired_state(topology: Topology, node_name: str, options: AgentOptions = AgentOptions(),
+                  overlay: OverlayOptions = OverlayOptions(), underlay: Optional[Underlay] = None) -> DesiredState:
+    """`underlay` is what the kernel says about the node's InternalIP (read by the caller)."""
     node = topology.node(node_name)
     if not node.pod_cidrs:
         raise AgentError(f"node {node_name!r} has no podCIDR yet")
-    routes, notes = peer_routes(topology, node)
+    plan = plan_overlay(topology.nodes, node, overlay, underlay)
     families = tuple(sorted({cidr.version for cidr in node.pod_cidrs}))
     return DesiredState(
         node=node.name,
-        conflist=conflist(node, options),
-        routes=routes,
+        conflist=conflist(node, options, plan.pod_mtu),
+        routes=plan.routes,
         masq=masq_chains(topology.cluster_cidrs, node.pod_cidrs),
         forwarding=families,
-        notes=notes,
+        notes=plan.notes,
         bridge=options.bridge,
         gateways=gateway_addresses(node.pod_cidrs),
         cluster_cidrs=topology.cluster_cidrs,
+        vxlan=plan.device,
+        vxlan_name=overlay.vxlan.name,
+        vxlan_peers=plan.vxlan_peers,
     )
 
 
-def conflist(node: Node, options: AgentOptions) -> dict:
+def conflist(node: Node, options: AgentOptions, overlay_mtu: Optional[int] = None) -> dict:
     """cni-bridge as the pods' default gateway, cni-ipam over the node's podCIDRs, then portmap.
 
     ipMasq is off: the agent's own chain masquerades, and leaves pod-to-pod alone.
+    `overlay_mtu` (underlay MTU minus the VXLAN overhead) applies when some peer is
+    behind VXLAN, so full-size packets with DF set fit in the tunnel; --mtu wins.
     """
     bridge: dict[str, Any] = {
         "type": "cni-bridge",
@@ -105,8 +110,9 @@ def conflist(node: Node, options: AgentOptions) -> dict:
         "ipMasq": False,
         "hairpinMode": options.hairpin,
     }
-    if options.mtu:
-        bridge["mtu"] = options.mtu
+    mtu = options.mtu or overlay_mtu
+    if mtu:
+        bridge["mtu"] = mtu
     if options.daemon_socket:
         bridge["daemonSocket"] = options.daemon_socket
     bridge["ipam"] = {
@@ -139,28 +145,6 @@ def written_pod_cidrs(content: bytes) -> tuple[IPNetwork, ...]:
         return tuple(cidrs)
     except (ValueError, TypeError, KeyError, AttributeError):
         return ()
-
-
-def peer_routes(topology: Topology, own: Node) -> tuple[tuple[PeerRoute, ...], tuple[str, ...]]:
-    routes: list[PeerRoute] = []
-    notes: list[str] = []
-    for node in topology.nodes:
-        if node.name == own.name:
-            continue
-        if not node.pod_cidrs:
-            notes.append(f"node {node.name}: no podCIDR yet, no route")
-            continue
-        for cidr in node.pod_cidrs:
-            via = node.internal_ip(cidr.version)
-            if via is None:
-                notes.append(f"node {node.name}: no IPv{cidr.version} InternalIP, no route to {cidr}")
-                continue
-            if any(mine.version == cidr.version and mine.overlaps(cidr) for mine in own.pod_cidrs):
-                notes.append(f"node {node.name}: podCIDR {cidr} overlaps this node's, no route")
-                continue
-            routes.append(PeerRoute(cidr, via, node.name))
-    routes.sort(key=lambda r: (r.dst.version, r.dst))
-    return tuple(routes), tuple(notes)
 
 
 def masq_chains(cluster_cidrs: tuple[IPNetwork, ...], pod_cidrs: tuple[IPNetwork, ...]) -> tuple[MasqChain, ...]:

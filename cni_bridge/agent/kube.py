@@ -14,9 +14,11 @@ import os
 import time
 from typing import Any, Callable, Iterable, Optional
 
-from .apply import Changes, apply
+from .apply import Changes, apply, read_underlay
 from .desired import AgentOptions, desired_state
+from .overlay import OverlayOptions, Underlay
 from .topology import AgentError, IPNetwork, Node, Topology, check_topology, node_from_kubernetes
+from .vtep import VTEP_MAC_ANNOTATION
 
 log = logging.getLogger("cni_bridge.agent")
 
@@ -25,12 +27,19 @@ class NodeAgent:
     """The state machine of Kubernetes mode, free of the client so tests can feed it objects."""
 
     def __init__(self, node_name: str, cluster_cidrs: tuple[IPNetwork, ...], options: AgentOptions,
-                 conf_dir: str, apply_fn: Callable[..., Changes] = apply) -> None:
+                 conf_dir: str, apply_fn: Callable[..., Changes] = apply,
+                 overlay: OverlayOptions = OverlayOptions(),
+                 underlay_fn: Callable[[Topology, str], Optional[Underlay]] = read_underlay,
+                 publish_fn: Optional[Callable[[str, str], None]] = None) -> None:
         self.node_name = node_name
         self.cluster_cidrs = cluster_cidrs
         self.options = options
         self.conf_dir = conf_dir
         self.apply_fn = apply_fn
+        self.overlay = overlay
+        self.underlay_fn = underlay_fn
+        # (node name, VTEP MAC): puts the MAC on the own Node so peers can reach this node by VXLAN.
+        self.publish_fn = publish_fn
         self.nodes: dict[str, Node] = {}
         self._reported: set[str] = set()
 
@@ -67,11 +76,19 @@ class NodeAgent:
         topology = Topology(self.cluster_cidrs, tuple(sorted(self.nodes.values(), key=lambda n: n.name)))
         for problem in check_topology(topology):
             self._once(problem)
-        changes = self.apply_fn(desired_state(topology, self.node_name, self.options), self.conf_dir)
+        underlay = self.underlay_fn(topology, self.node_name) if self.overlay.backend != "routes" else None
+        state = desired_state(topology, self.node_name, self.options, self.overlay, underlay)
+        changes = self.apply_fn(state, self.conf_dir)
         if changes.any:
             log.info("%s", changes.summary())
         for error in changes.errors:
             log.warning("%s", error)
+        if state.vxlan is not None and own.vtep_mac != state.vxlan.mac and self.publish_fn is not None:
+            try:
+                self.publish_fn(self.node_name, state.vxlan.mac)
+                log.info("published VTEP MAC %s as annotation %s", state.vxlan.mac, VTEP_MAC_ANNOTATION)
+            except Exception as exc:   # the next sync tries again; peers keep what they had
+                log.warning("cannot annotate node %s with its VTEP MAC: %s", self.node_name, api_error(exc))
         return changes
 
     def _convert(self, obj: Any) -> Optional[Node]:
@@ -104,6 +121,15 @@ def load_client(kubeconfig: Optional[str]) -> tuple[Any, Any]:
         raise AgentError(f"cannot load Kubernetes credentials ({type(exc).__name__}: {exc}); "
                          "pass --kubeconfig or run in a pod with a service account") from None
     return client.CoreV1Api(), watch
+
+
+def publisher(api: Any) -> Callable[[str, str], None]:
+    """Patch the annotation onto the agent's own Node through the status subresource
+    (RBAC: `patch` on `nodes/status`, which cannot touch a node's spec), as flannel does."""
+    def publish(node_name: str, mac: str) -> None:
+        api.patch_node_status(node_name, {"metadata": {"annotations": {VTEP_MAC_ANNOTATION: mac}}},
+                       _request_timeout=30)
+    return publish
 
 
 def api_error(exc: BaseException) -> str:

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Union
 
+from .vtep import VTEP_MAC_ANNOTATION, derived_vtep_mac, parse_vtep_mac
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -23,6 +25,9 @@ class Node:
     name: str
     internal_ips: tuple[IPAddress, ...]
     pod_cidrs: tuple[IPNetwork, ...]
+    # The MAC of the node's VXLAN device: topology mode derives it from the IPv4
+    # InternalIP unless the file gives one; Kubernetes mode reads the node's annotation.
+    vtep_mac: Optional[str] = None
 
     def internal_ip(self, family: int) -> Optional[IPAddress]:
         return next((ip for ip in self.internal_ips if ip.version == family), None)
@@ -89,6 +94,7 @@ def parse_topology(text: str, source: str = "topology") -> Topology:
 
     `clusterCIDR`, `internalIP` and `podCIDR` also accept comma-separated or
     list values (dual stack); `podCIDRs` / `internalIPs` are accepted spellings.
+    A node may give `vtepMAC`; otherwise it is derived from its IPv4 internalIP.
     """
     if not text.strip():
         # What a reader sees between `cat > file` truncating and writing: say so, not "line 1 column 1".
@@ -121,7 +127,15 @@ def parse_topology(text: str, source: str = "topology") -> Topology:
         cidrs = _first_key(entry, "podCIDR", "podCIDRs")
         if cidrs is None:
             raise AgentError(f"{where}: podCIDR is missing")
-        nodes.append(Node(name, parse_ips(ips, f"{where}: internalIP"), parse_cidrs(cidrs, f"{where}: podCIDR")))
+        addresses = parse_ips(ips, f"{where}: internalIP")
+        ipv4 = next((ip for ip in addresses if ip.version == 4), None)
+        mac = derived_vtep_mac(ipv4) if ipv4 is not None else None
+        if "vtepMAC" in entry:
+            try:
+                mac = parse_vtep_mac(entry["vtepMAC"])
+            except ValueError as exc:
+                raise AgentError(f"{where}: vtepMAC: {exc}") from None
+        nodes.append(Node(name, addresses, parse_cidrs(cidrs, f"{where}: podCIDR"), mac))
     topology = Topology(cluster_cidrs, tuple(nodes))
     problems = check_topology(topology)
     if problems:
@@ -147,6 +161,12 @@ def check_topology(topology: Topology) -> list[str]:
                 if other.version == cidr.version and other.overlaps(cidr):
                     problems.append(f"podCIDR {cidr} of node {node.name!r} overlaps {other} of node {owner!r}")
             owners.append((cidr, node.name))
+    macs: dict[str, str] = {}
+    for node in topology.nodes:
+        if node.vtep_mac is not None:
+            if node.vtep_mac in macs:
+                problems.append(f"node {node.name!r} has the VTEP MAC {node.vtep_mac} of node {macs[node.vtep_mac]!r}")
+            macs.setdefault(node.vtep_mac, node.name)
     return problems
 
 
@@ -179,4 +199,11 @@ def node_from_kubernetes(obj: Any) -> tuple[Optional[Node], list[str]]:
             ips.append(ipaddress.ip_address(address.address))
         except ValueError:
             warnings.append(f"node {name}: ignoring InternalIP {address.address!r} (not an IP address)")
-    return Node(name, tuple(ips), tuple(cidrs)), warnings
+    mac = None
+    annotations = getattr(getattr(obj, "metadata", None), "annotations", None) or {}
+    if VTEP_MAC_ANNOTATION in annotations:
+        try:
+            mac = parse_vtep_mac(annotations[VTEP_MAC_ANNOTATION])
+        except ValueError as exc:
+            warnings.append(f"node {name}: ignoring annotation {VTEP_MAC_ANNOTATION}: {exc}")
+    return Node(name, tuple(ips), tuple(cidrs), mac), warnings

@@ -28,7 +28,8 @@ def pytest_collection_modifyitems(config, items):
     reason = None
     checked = False
     for item in items:
-        if HERE not in Path(str(item.fspath)).parents:
+        path = Path(str(item.fspath))
+        if HERE not in path.parents or HERE / "nodes" in path.parents:   # nodes/: Docker only, no kind
             continue
         item.add_marker(pytest.mark.kind)
         if not checked:

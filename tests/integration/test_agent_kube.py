@@ -34,10 +34,12 @@ def kube_node(make_netns, tmp_path):
     version = [0]
 
     def set_nodes(*nodes: tuple) -> None:
+        """(name, internalIP, podCIDR[, annotations])"""
         version[0] += 1
         tmp = state.with_suffix(".tmp")
         tmp.write_text(json.dumps({"resourceVersion": version[0], "nodes": [
-            {"name": n, "internalIP": ip, "podCIDR": cidr} for n, ip, cidr in nodes]}))
+            {"name": n[0], "internalIP": n[1], "podCIDR": n[2], "annotations": n[3] if len(n) > 3 else {}}
+            for n in nodes]}))
         os.rename(tmp, state)
 
     def start(*argv: str, stdout=subprocess.PIPE) -> subprocess.Popen:
@@ -59,6 +61,7 @@ def kube_node(make_netns, tmp_path):
         def run_agent() -> subprocess.Popen:
             api = start(sys.executable, str(FAKE_API), str(state))
             line = api.stdout.readline().split()
+            Node.api = f"http://127.0.0.1:{line[1]}"
             assert line[:1] == ["ready"], api.stderr.read()
             kubeconfig = tmp_path / "kubeconfig"
             kubeconfig.write_text(json.dumps({
@@ -107,8 +110,10 @@ def test_agent_follows_node_objects(kube_node):
     ranges = json.loads(kube_node.conf.read_text())["plugins"][0]["ipam"]["ranges"]
     assert ranges == [[{"subnet": "10.244.1.0/24"}]]
     eventually(lambda: "10.244.2.0/24 via 10.251.0.2" in kube_node.routes(), "the route to n2", agent)
-    nat = kube_node.netns.exec("iptables", "-t", "nat", "-S").stdout
-    assert "-A POSTROUTING -s 10.244.1.0/24" in nat and "-A CNI-BRIDGE-MASQ -j MASQUERADE" in nat
+    # The chain is written after the routes in the same pass: wait for the pass to finish.
+    eventually(lambda: "-A POSTROUTING -s 10.244.1.0/24" in (nat := kube_node.netns.exec("iptables", "-t", "nat",
+                                                                                          "-S").stdout)
+               and "-A CNI-BRIDGE-MASQ -j MASQUERADE" in nat, "the masquerade chain", agent)
 
     kube_node.set_nodes(("n1", "10.251.0.1", "10.244.1.0/24"), ("n2", "10.251.0.2", "10.244.2.0/24"),
                         ("n3", "10.251.0.3", "10.244.3.0/24"))
@@ -124,3 +129,35 @@ def test_agent_follows_node_objects(kube_node):
                                                                                    "-S").stdout,
                "the masquerade chain restored by the resync", agent)
     assert agent.poll() is None
+
+
+def test_agent_publishes_its_vtep_mac_and_tunnels_to_peers_that_published(kube_node):
+    """n2 shares n1's subnet (direct route); n3 is elsewhere and has published its MAC; n4 is
+    elsewhere and has not (no tunnel yet, until it does)."""
+    n3_mac = {"cni-bridge.dev/vtep-mac": "0e:cb:0a:fc:00:03"}
+    kube_node.set_nodes(("n1", "10.251.0.1", "10.244.1.0/24"), ("n2", "10.251.0.2", "10.244.2.0/24"),
+                        ("n3", "10.252.0.3", "10.244.3.0/24", n3_mac), ("n4", "10.252.0.4", "10.244.4.0/24"))
+    agent = kube_node.run_agent()
+
+    def own_annotation():
+        # The fake API listens on 127.0.0.1 inside the node's namespace.
+        fetch = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())"
+        listing = kube_node.netns.exec(sys.executable, "-c", fetch, f"{kube_node.api}/api/v1/nodes").stdout
+        n1 = next(item for item in json.loads(listing)["items"] if item["metadata"]["name"] == "n1")
+        return n1["metadata"]["annotations"].get("cni-bridge.dev/vtep-mac")
+
+    eventually(lambda: own_annotation() == "0e:cb:0a:fb:00:01", "the agent's own VTEP MAC on its Node", agent)
+    eventually(lambda: "10.244.3.0/24 via 10.244.3.0 dev cni-vxlan" in kube_node.routes(), "the tunnel to n3", agent)
+    link = kube_node.netns.exec("ip", "-d", "link", "show", "cni-vxlan").stdout
+    assert "0e:cb:0a:fb:00:01" in link and "vxlan id 1 local 10.251.0.1" in link
+    fdb = kube_node.netns.exec("bridge", "fdb", "show", "dev", "cni-vxlan").stdout
+    assert "0e:cb:0a:fc:00:03 dst 10.252.0.3 self permanent" in fdb and "10.252.0.4" not in fdb
+    assert "10.244.2.0/24 via 10.251.0.2 dev eth0" in kube_node.routes()
+    assert "10.244.4.0/24" not in kube_node.routes()
+    # n4's agent publishes its MAC: the watch brings it, and n1 opens the tunnel.
+    kube_node.set_nodes(("n1", "10.251.0.1", "10.244.1.0/24"), ("n2", "10.251.0.2", "10.244.2.0/24"),
+                        ("n3", "10.252.0.3", "10.244.3.0/24", n3_mac),
+                        ("n4", "10.252.0.4", "10.244.4.0/24", {"cni-bridge.dev/vtep-mac": "0e:cb:0a:fc:00:04"}))
+    eventually(lambda: "10.244.4.0/24 via 10.244.4.0 dev cni-vxlan" in kube_node.routes(), "the tunnel to n4", agent)
+    assert "0e:cb:0a:fc:00:04 dst 10.252.0.4" in kube_node.netns.exec("bridge", "fdb", "show", "dev",
+                                                                      "cni-vxlan").stdout

@@ -2,14 +2,16 @@
 
     python fake_kube_api.py STATE.json      # prints "ready PORT" once listening on 127.0.0.1
 
-STATE.json is {"resourceVersion": N, "nodes": [{"name", "internalIP", "podCIDR"}]}
-(podCIDR may be null: not allocated yet). The test rewrites it (atomically,
-with a higher resourceVersion) to change the cluster. Served:
+STATE.json is {"resourceVersion": N, "nodes": [{"name", "internalIP", "podCIDR",
+"annotations"?}]} (podCIDR may be null: not allocated yet). The test rewrites it
+(atomically, with a higher resourceVersion) to change the cluster. Served:
 
     GET /api/v1/nodes                         NodeList
     GET /api/v1/nodes?watch=true&...          chunked watch events (ADDED, MODIFIED,
                                               DELETED) diffed from STATE.json changes,
                                               until timeoutSeconds
+    PATCH /api/v1/nodes/NAME[/status]         merges metadata.annotations (kept in memory,
+                                              over the file's), answers the Node
 
 Enough for the official Python client's CoreV1Api.list_node and watch.Watch;
 nothing else of the API is here. Stdlib only.
@@ -23,12 +25,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 STATE = ""
+PATCHED: dict[str, dict] = {}       # node name -> annotations set by PATCH
+PATCHES = [0]
 
 
 def load() -> tuple[int, dict[str, dict]]:
     with open(STATE) as f:
         data = json.load(f)
-    rv = int(data["resourceVersion"])
+    # Both the file (the test) and PATCH (the agent) move the resourceVersion forward.
+    rv = int(data["resourceVersion"]) * 1000 + PATCHES[0]
     return rv, {n["name"]: to_node(n, rv) for n in data["nodes"]}
 
 
@@ -38,7 +43,8 @@ def to_node(entry: dict, rv: int) -> dict:
         spec = {"podCIDR": entry["podCIDR"], "podCIDRs": [entry["podCIDR"]]}
     return {
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": entry["name"], "resourceVersion": str(rv)},
+        "metadata": {"name": entry["name"], "resourceVersion": str(rv),
+                     "annotations": {**entry.get("annotations", {}), **PATCHED.get(entry["name"], {})}},
         "spec": spec,
         "status": {"addresses": [{"type": "InternalIP", "address": entry["internalIP"]},
                                  {"type": "Hostname", "address": entry["name"]}]},
@@ -64,6 +70,16 @@ class Handler(BaseHTTPRequestHandler):
         rv, nodes = load()
         self._send(200, {"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": str(rv)},
                          "items": list(nodes.values())})
+
+    def do_PATCH(self) -> None:
+        name = urlparse(self.path).path.removeprefix("/api/v1/nodes/").removesuffix("/status")
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))) or b"{}")
+        if name not in load()[1]:
+            self._send(404, {"kind": "Status", "status": "Failure", "code": 404})
+            return
+        PATCHED.setdefault(name, {}).update((body.get("metadata") or {}).get("annotations") or {})
+        PATCHES[0] += 1
+        self._send(200, load()[1][name])
 
     def _send(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -93,7 +109,8 @@ class Handler(BaseHTTPRequestHandler):
                     for name, node in nodes.items():
                         if name not in seen:
                             self._event("ADDED", node)
-                        elif seen[name]["spec"] != node["spec"] or seen[name]["status"] != node["status"]:
+                        elif any(seen[name][k] != node[k] for k in ("spec", "status")) or \
+                                seen[name]["metadata"]["annotations"] != node["metadata"]["annotations"]:
                             self._event("MODIFIED", node)
                     for name, node in seen.items():
                         if name not in nodes:

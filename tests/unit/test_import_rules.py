@@ -68,6 +68,31 @@ def test_only_the_netlink_adapter_imports_pyroute2():
     assert importers == ["cni_bridge.netlink"]
 
 
+# The netlink adapter layer: the adapter itself (which alone imports pyroute2) and the
+# agent's extension of it for the overlay (VXLAN device, FDB, neighbours), which uses the
+# adapter's IPRoute handle and imports pyroute2 nowhere.
+ADAPTER_LAYER = {"cni_bridge.netlink", "cni_bridge.agent.overlay_netlink"}
+
+
+def uses_the_iproute_handle(path: Path) -> bool:
+    """Touches `<something>.ipr` (the adapter's pyroute2 IPRoute object)."""
+    return any(isinstance(node, ast.Attribute) and node.attr == "ipr" for node in ast.walk(ast.parse(path.read_text())))
+
+
+def test_only_the_adapter_layer_drives_pyroute2():
+    users = {module_name(p) for p in ALL_FILES if uses_the_iproute_handle(p)}
+    assert users == ADAPTER_LAYER
+
+
+def test_the_plugin_side_never_imports_the_agent():
+    # The exec'd plugins must not load the agent (and its kernel code) by accident.
+    importers = sorted(module_name(p) for p in ALL_FILES
+                       if not module_name(p).startswith("cni_bridge.agent")
+                       and any(m.startswith("cni_bridge.agent") for m in imported_modules(p))
+                       and module_name(p) != "cni_bridge.main")
+    assert importers == []
+
+
 @pytest.mark.parametrize("path", source_files("ipam"), ids=lambda p: p.name)
 def test_ipam_never_imports_pyroute2_netlink_or_the_bridge_plugin(path):
     forbidden = {m for m in imported_modules(path)
