@@ -316,7 +316,7 @@ class Netlink:
 
         try:
             with self._inside():
-                sysctl.set_link(4, name, "arp_notify", "1")
+                sysctl.set_link(4, name, "arp_notify", "1", required=False)
         except OSError as exc:
             raise CNIError(Code.KERNEL_REFUSED, f"cannot enter {self.netns} to set arp_notify on {name}",
                            exc.strerror or str(exc)) from None

@@ -2,7 +2,14 @@
 plugin's own for host settings (netlink.py enters a pod's namespace for the pod's)."""
 from __future__ import annotations
 
+import errno
+import logging
+
 from .protocol.errors import CNIError, Code
+
+log = logging.getLogger(__name__)
+# A read-only /proc/sys (a node that is an unprivileged container) or no right to write it.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 _FORWARDING = {
     4: "/proc/sys/net/ipv4/ip_forward",
@@ -23,8 +30,13 @@ def enable_forwarding(families: tuple[int, ...]) -> None:
             raise CNIError(Code.IO_FAILURE, f"cannot enable IP forwarding ({path}): {exc.strerror}") from None
 
 
-def _set(path: str, value: str) -> bool:
-    """Write `value` unless the file holds it already; False when there is no such file."""
+def _set(path: str, value: str, required: bool = True) -> bool:
+    """Write `value` unless the file holds it already; False when there is no such file.
+
+    `required=False` is for settings that harden but are not needed to connect the pod:
+    where /proc/sys cannot be written (an unprivileged container as node: Docker mounts it
+    read-only), warn and go on, as the reference plugin does, instead of failing the pod.
+    """
     try:
         with open(path) as f:
             if f.read().strip() == value:
@@ -34,18 +46,22 @@ def _set(path: str, value: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
+        if not required and exc.errno in _NOT_WRITABLE:
+            log.warning("cannot set %s to %s (%s); set the default for new links on this node instead",
+                        path, value, exc.strerror)
+            return True
         raise CNIError(Code.IO_FAILURE, f"cannot set {path} to {value}: {exc.strerror}") from None
     return True
 
 
-def set_link(version: int, link: str, key: str, value: str) -> bool:
+def set_link(version: int, link: str, key: str, value: str, required: bool = True) -> bool:
     """net.ipv<version>.conf.<link>.<key>; False when it does not exist (that IP version
     is disabled, or the link has no such settings)."""
-    return _set(f"/proc/sys/net/ipv{version}/conf/{link}/{key}", value)
+    return _set(f"/proc/sys/net/ipv{version}/conf/{link}/{key}", value, required)
 
 
 def refuse_router_advertisements(bridge: str) -> None:
     """accept_ra=0 on the bridge, as the reference plugin does: a pod could otherwise send a
     Router Advertisement and set the host's IPv6 default route through itself. Without
     IPv6 there is no such file and nothing to refuse."""
-    set_link(6, bridge, "accept_ra", "0")
+    set_link(6, bridge, "accept_ra", "0", required=False)

@@ -122,8 +122,10 @@ def test_ipv6_only_pod_makes_no_ipv4_announcement(plugin, kernel, host, config):
     assert "set_arp_notify" in calls and "announce" not in calls and "wait_port_forwarding" not in calls
 
 
-def test_sysctl_set_link_tolerates_a_missing_file_and_reports_other_errors(monkeypatch, tmp_path):
+def test_sysctl_set_link_tolerates_a_missing_file_and_reports_other_errors(monkeypatch, tmp_path, caplog):
     import builtins
+    import errno
+    import logging
 
     from cni_bridge import sysctl
     from cni_bridge.protocol.errors import CNIError
@@ -140,15 +142,26 @@ def test_sysctl_set_link_tolerates_a_missing_file_and_reports_other_errors(monke
     assert sysctl.set_link(6, "nosuch0", "accept_ra", "0") is False
     (conf / "accept_ra").write_text("1")
 
-    def read_only(path, mode="r", *a, **k):   # /proc/sys mounted read-only
-        if "w" in mode:
-            raise PermissionError(13, "Read-only file system")
-        return real_open(str(path).replace("/proc/sys", str(tmp_path)), mode, *a, **k)
+    def failing_write(error):
+        def fake_open(path, mode="r", *a, **k):
+            if "w" in mode:
+                raise error
+            return real_open(str(path).replace("/proc/sys", str(tmp_path)), mode, *a, **k)
+        return fake_open
 
-    monkeypatch.setattr(builtins, "open", read_only)
-    with pytest.raises(CNIError) as info:
+    # /proc/sys mounted read-only (a node that is an unprivileged container): the
+    # hardening is skipped with a warning, as the reference does, not the pod failed...
+    monkeypatch.setattr(builtins, "open", failing_write(OSError(errno.EROFS, "Read-only file system")))
+    with caplog.at_level(logging.WARNING):
         sysctl.refuse_router_advertisements("br0")
+    assert "accept_ra" in caplog.text and "Read-only file system" in caplog.text
+    # ... but a setting the pod needs still fails, and so does any other error.
+    with pytest.raises(CNIError) as info:
+        sysctl.set_link(6, "br0", "accept_ra", "0")
     assert info.value.code == Code.IO_FAILURE and "accept_ra" in info.value.msg
+    monkeypatch.setattr(builtins, "open", failing_write(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(CNIError):
+        sysctl.refuse_router_advertisements("br0")
 
 
 @pytest.mark.parametrize("states, expected, reads", [

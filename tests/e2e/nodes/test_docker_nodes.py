@@ -132,6 +132,8 @@ def test_each_node_runs_the_bundle_from_its_own_cni_bin_without_python(nodes):
         listing = node.exec("ls", "/opt/cni/bin").stdout.split()
         assert {"cni-bridge", "cni-bridge-python", "cni-ipam", "cni-bridge-lib"} <= set(listing)
         assert node.exec("test", "-S", SOCKET, check=False).returncode == 0, "the daemon's socket"
+        # /proc/sys is read-only here: the plugin could not set it, the node's default did.
+        assert node.exec("cat", "/proc/sys/net/ipv6/conf/cni0/accept_ra").stdout.strip() == "0"
 
 
 def test_kind_shape_routes_directly_and_the_far_node_by_vxlan(nodes):
