@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(iproute2 iptables busybox-static containernetworking-plugins)
+PACKAGES=(iproute2 iptables nftables busybox-static containernetworking-plugins)
 if [ "${WITH_RUNTIMES:-0}" = 1 ]; then
   PACKAGES+=(golang-go golang-github-appc-cni-dev podman runc)
 fi
