@@ -11,7 +11,14 @@ Prints, as tables:
      each with its ratio to the reference (cniVersion 1.0.0 for all);
   2. the import budget of each verb (`python -X importtime`);
   3. peak RSS of one exec'd front end and of the daemon;
-  4. IPAM ADD+DEL cost with 10 and with 5,000 reservations in the store.
+  4. IPAM ADD+DEL cost with 10 and with 5,000 reservations in the store;
+  5. where one daemon cycle spends its time, step by step (the plugin's fault
+     points, timed in-process, plus the front end and socket hop);
+  6. the scale table: with ipMasq on, the cycle of one more pod with 0, 100,
+     500 and 1,000 pods already attached (a /21), ours (daemon, nftables
+     backend) beside the reference, and the time to attach them all in parallel;
+  7. the soak: 10,000 ADD+DEL cycles through the daemon, its memory (RSS, PSS)
+     and open files after the first 100 and at the end, and the slowest cycle.
 
 Our plugins are measured as `pip install .` lays them out (console scripts,
 no editable-install finder), in a throwaway environment built from this
@@ -55,7 +62,8 @@ if __name__ == '__main__':
     sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
     sys.exit({func}())
 """
-TARGETS = {"standalone": 16.0, "daemon": 1.5}
+# Issue 11: the daemon + static front end at most 1.0x the reference (ipMasq off: cycle and burst).
+TARGETS = {"standalone": 16.0, "daemon": 1.5, "front end": 1.0}
 GNU_TIME = Path("/usr/bin/time")
 
 
@@ -229,10 +237,14 @@ class Variant:
     make_conf: Callable[[bool], dict]
 
 
-def bridge_conf(name: str, bridge: str, subnet: str, data_dir: Path, masq: bool, daemon_socket: str) -> dict:
-    return {"cniVersion": CNI_VERSION, "name": name, "type": "cni-bridge", "bridge": bridge,
+def bridge_conf(name: str, bridge: str, subnet: str, data_dir: Path, masq: bool, daemon_socket: str,
+                masq_backend: str = "") -> dict:
+    conf = {"cniVersion": CNI_VERSION, "name": name, "type": "cni-bridge", "bridge": bridge,
             "isGateway": True, "ipMasq": masq, "daemonSocket": daemon_socket,
             "ipam": {"type": "cni-ipam", "dataDir": str(data_dir), "ranges": [[{"subnet": subnet}]]}}
+    if masq_backend:
+        conf["ipMasqBackend"] = masq_backend
+    return conf
 
 
 def reference_conf(name: str, bridge: str, subnet: str, data_dir: Path, masq: bool) -> dict:
@@ -423,6 +435,12 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=3, help="bursts per variant (median; standalone runs 1)")
     parser.add_argument("--workers", type=int, default=0, help="daemon workers (default: the daemon's default)")
     parser.add_argument("--reservations", type=int, default=5000)
+    parser.add_argument("--steps", type=int, default=20, help="in-process cycles for the per-step breakdown")
+    parser.add_argument("--scale", default="0,100,500,1000",
+                        help="pods attached for the scale table (comma-separated; empty: skip it)")
+    parser.add_argument("--scale-cycles", type=int, default=10, help="cycles per level of the scale table")
+    parser.add_argument("--scale-window", type=int, default=40, help="ADDs in flight while attaching")
+    parser.add_argument("--soak", type=int, default=10000, help="ADD+DEL cycles of the soak (0: skip it)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -505,10 +523,12 @@ def main() -> int:
             perf[variant.key] = {"cycle_off_s": c_off, "cycle_on_s": c_on, "burst_add_s": b_add,
                                  "burst_del_s": b_del, "burst_s": b_all, "ratio_cycle_off": r_off,
                                  "ratio_cycle_on": r_on, "ratio_burst": r_b}
-            target = TARGETS.get({"sa": "standalone", "dm": "daemon", "fe": "daemon"}.get(variant.key, ""), None)
+            target = TARGETS.get({"sa": "standalone", "dm": "daemon", "fe": "front end"}.get(variant.key, ""), None)
             verdict = "-"
             if target is not None:
                 checks = [r_off <= target, r_on <= target] + ([r_b <= target] if variant.key != "sa" else [])
+                if variant.key == "fe":   # issue 11's target names ipMasq off (ipMasq on: the scale table)
+                    checks = [r_off <= target, r_b <= target]
                 verdict = f"<= {target:g}x: " + ("met" if all(checks) else "NOT met")
             rows.append([variant.label, fmt_ms(c_off), f"{r_off:.2f}x", fmt_ms(c_on), f"{r_on:.2f}x",
                          f"{fmt_ms(b_all)} ({fmt_ms(b_add)} + {fmt_ms(b_del)})", f"{r_b:.2f}x", verdict])
@@ -653,6 +673,46 @@ def main() -> int:
         results["ipam"] = ipam_results
         ipam_table = table(["measure", "10 reservations", f"{args.reservations:,} reservations", "ratio"], ipam_rows)
 
+        # 5. per-step breakdown of one daemon cycle.
+        log("per-step breakdown")
+        steps_conf = lambda m: bridge_conf("bench-steps", "brst", "10.208.0.0/16", work / "ipam", m, "",
+                                           "nftables")
+        steps_off, inproc_off = step_breakdown(steps_conf(False), pod, args.steps)
+        steps_on, inproc_on = step_breakdown(steps_conf(True), pod, args.steps)
+        hop = perf["fe"]["cycle_off_s"] - inproc_off if "fe" in perf else None
+        results["steps"] = {"off": steps_off, "on": steps_on, "cycle_off_s": inproc_off,
+                            "cycle_on_s": inproc_on, "hop_s": hop}
+        steps_table = breakdown_table(steps_off, steps_on, inproc_off, inproc_on, hop)
+
+        # 6. scale: ipMasq on, pods already attached.
+        levels = sorted({int(level) for level in args.scale.split(",") if level.strip()})
+        scale_out = None
+        if levels:
+            log(f"scale table: {levels}")
+            front = "cni-bridge-fe" if front_end is not None else "cni-bridge"
+            runs = [
+                scale_run(bench, namespaces, f"cni-bridge + daemon{', static front end' if front_end else ''}, "
+                          f"nftables", front,
+                          bridge_conf("bench-scale", "brsc", "10.210.0.0/21", work / "ipam-scale", True, "",
+                                      "nftables"),
+                          levels, args.scale_cycles, args.scale_window, bin_dir),
+                scale_run(bench, namespaces, "reference bridge + host-local (iptables)", "bridge",
+                          reference_conf("bench-scale-ref", "brsr", "10.211.0.0/21", work / "ipam-scale", True),
+                          levels, args.scale_cycles, args.scale_window, None),
+            ]
+            results["scale"] = runs
+            scale_out = scale_table(runs, levels, args.scale_window)
+
+        # 7. soak: memory and fds of the daemon over many cycles.
+        soak_out = None
+        if args.soak:
+            log(f"soak: {args.soak} cycles")
+            front = "cni-bridge-fe" if front_end is not None else "cni-bridge"
+            soak_result = soak(bench, daemon, front, by_key["fe" if front_end is not None else "dm"].make_conf(False),
+                               pod, args.soak)
+            results["soak"] = soak_result
+            soak_out = soak_table(soak_result)
+
     elapsed = time.monotonic() - began
     print(f"# cni-bridge benchmark, {results['date']}")
     print(f"Machine: {results['machine']}")
@@ -673,9 +733,222 @@ def main() -> int:
     print(rss_table)
     print("\n## IPAM cost against reservations held\n")
     print(ipam_table)
+    print("\n## One daemon cycle, step by step (medians; in-process as a worker runs it)\n")
+    print(steps_table)
+    if scale_out is not None:
+        print(f"\n## Scale: ipMasq on, the cycle of one more pod with pods already attached (a /21)\n")
+        print(scale_out[0])
+        print("\n" + "\n".join(scale_out[1]))
+    if soak_out is not None:
+        print(f"\n## Soak: daemon memory and files over {args.soak:,} ADD+DEL cycles (static front end)\n")
+        print(soak_out[0])
+        print("\n" + "\n".join(soak_out[1]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 1 if bad else 0
+
+
+# -- 5. where a daemon cycle spends its time ------------------------------------------------
+
+def step_breakdown(conf: dict, netns: str, count: int) -> tuple[dict[str, float], float]:
+    """Median time of each step of an ADD+DEL cycle, run in-process exactly as a daemon
+    worker runs it, cut at the plugin's fault points (cni_bridge/faults.py); and the
+    median whole cycle. A step's time is from the previous point (or the call's start)."""
+    import io
+
+    from cni_bridge import faults
+    from cni_bridge.main import run_in_process
+
+    marks: list[tuple[str, float]] = []
+    faults.set_step_check(lambda name: marks.append((name, time.perf_counter())))
+    stdin = json.dumps(conf).encode()
+    steps: dict[str, list[float]] = {}
+    cycles = []
+    try:
+        for i in range(-3, count):   # three untimed rounds first
+            began = time.perf_counter()
+            for command in ("ADD", "DEL"):
+                marks.clear()
+                env = {"CNI_COMMAND": command, "CNI_CONTAINERID": f"steps{i}", "CNI_NETNS": netns,
+                       "CNI_IFNAME": "eth0", "CNI_PATH": "/nonexistent",
+                       "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+                start = time.perf_counter()
+                out = io.StringIO()
+                if run_in_process(env, stdin, out, io.StringIO()) != 0:
+                    raise RuntimeError(f"in-process {command} failed: {out.getvalue()}")
+                previous = start
+                for name, at in marks + [(f"{command.lower()}.result-written", time.perf_counter())]:
+                    if i >= 0:
+                        steps.setdefault(name, []).append(at - previous)
+                    previous = at
+            if i >= 0:
+                cycles.append(time.perf_counter() - began)
+    finally:
+        faults.set_step_check(None)
+    return {name: statistics.median(values) for name, values in steps.items()}, statistics.median(cycles)
+
+
+def breakdown_table(off: dict[str, float], on: dict[str, float], cycle_off: float, cycle_on: float,
+                    hop: Optional[float]) -> str:
+    from cni_bridge.faults import POINTS
+
+    where = {p.name: p.where for p in POINTS}
+    where.update({"add.result-written": "the result JSON is written", "del.result-written": "DEL returns"})
+    rows = []
+    for name in list(dict.fromkeys(list(on) + list(off))):   # ipMasq on passes every point
+        rows.append([name, where.get(name, ""), f"{off[name] * 1000:.2f}" if name in off else "-",
+                     f"{on[name] * 1000:.2f}" if name in on else "-"])
+    rows.append(["= cycle in-process", "ADD + DEL in a worker, no socket", f"{cycle_off * 1000:.1f}",
+                 f"{cycle_on * 1000:.1f}"])
+    if hop is not None:
+        rows.append(["+ front end and socket", "static front end exec, socket hop, worker hand-off (2 calls)",
+                     f"{hop * 1000:.1f}", "-"])
+    return table(["step (ends at the fault point)", "what is done by then", "ms, ipMasq off",
+                  "ms, ipMasq on (nftables)"], rows)
+
+
+# -- 6. the scale table -------------------------------------------------------------------
+
+def run_window(bench: Bench, plugin: str, command: str, conf: dict, calls: list[tuple[str, str, str]],
+               window: int) -> float:
+    """Run (cid, netns, ifname) calls with at most `window` in flight; the wall time taken."""
+    started = time.perf_counter()
+    pending = list(calls)
+    running: list[subprocess.Popen] = []
+    failures = []
+    while pending or running:
+        while pending and len(running) < window:
+            cid, netns, ifname = pending.pop(0)
+            env = bench.env(command, cid, netns, ifname)
+            proc = subprocess.Popen([str(bench.cni_path / plugin)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            proc.stdin.write(json.dumps(conf).encode())
+            proc.stdin.close()
+            proc.stdin = None
+            running.append(proc)
+        proc = running.pop(0)
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            failures.append((out + err).decode()[-500:])
+    if failures:
+        raise RuntimeError(f"{plugin} {command}: {len(failures)} of {len(calls)} failed: {failures[0]}")
+    return time.perf_counter() - started
+
+
+def scale_run(bench: Bench, namespaces: Namespaces, label: str, plugin: str, conf: dict,
+              levels: list[int], cycles: int, window: int, daemon_bin: Optional[Path]) -> dict:
+    """In a fresh host netns: attach pods up to each level (in parallel), then time `cycles`
+    ADD+DEL cycles of one more pod. The netns goes at the end with every rule in it."""
+    role = "s" + uuid.uuid4().hex[:4]
+    host = namespaces.add(role)
+    pod_dirs = [namespaces.add(f"{role}p{i}") for i in range(10)]   # 100 ifnames each, at most
+    out: dict = {"label": label, "levels": {}, "attach_s": 0.0}
+    with inside_netns(host), ExitStack() as stack:
+        if daemon_bin is not None:
+            sock = bench.work / f"run-{role}" / "daemon.sock"
+            daemon = DaemonProcess(daemon_bin, sock, None)
+            stack.callback(daemon.stop)
+            conf = dict(conf, daemonSocket=str(sock))
+        attached = 0
+        for level in levels:
+            calls = [(f"fill{i}", pod_dirs[i % len(pod_dirs)], f"f{i // len(pod_dirs)}")
+                     for i in range(attached, level)]
+            if calls:
+                out["attach_s"] += run_window(bench, plugin, "ADD", conf, calls, window)
+            attached = level
+            times = []
+            for i in range(-1, cycles):
+                started = time.perf_counter()
+                bench.call(plugin, "ADD", conf, f"one{level}-{i}", pod_dirs[0], extra_env={"CNI_IFNAME": "eth0"})
+                bench.call(plugin, "DEL", conf, f"one{level}-{i}", pod_dirs[0], extra_env={"CNI_IFNAME": "eth0"})
+                if i >= 0:
+                    times.append(time.perf_counter() - started)
+            out["levels"][level] = statistics.median(times)
+            log(f"scale: {label}: {level} pods attached, cycle {fmt_ms(out['levels'][level])}")
+    return out
+
+
+def scale_table(runs: list[dict], levels: list[int], window: int) -> tuple[str, list[str]]:
+    ref = runs[-1]
+    rows = []
+    for run in runs:
+        cells = [run["label"]]
+        for level in levels:
+            value = run["levels"][level]
+            ratio = "" if run is ref else f" ({value / ref['levels'][level]:.2f}x)"
+            cells.append(fmt_ms(value) + ratio)
+        cells.append(f"{run['levels'][levels[-1]] / run['levels'][levels[0]]:.2f}x")
+        cells.append(fmt_ms(run["attach_s"]))
+        rows.append(cells)
+    headers = (["variant"] + [f"cycle, {level:,} attached" for level in levels]
+               + [f"{levels[-1]:,} vs {levels[0]}", f"attach {levels[-1]:,} ({window} in flight)"])
+    verdicts = []
+    ours = runs[0]
+    if 0 in ours["levels"] and 1000 in ours["levels"]:
+        flat = ours["levels"][1000] / ours["levels"][0]
+        verdicts.append(f"1,000 attached vs none, ours: {flat:.2f}x (target <= 1.2x: "
+                        f"{'met' if flat <= 1.2 else 'NOT met'})")
+    if 500 in ours["levels"]:
+        half = ours["levels"][500] / ref["levels"][500]
+        verdicts.append(f"500 attached, ours vs the reference: {half:.2f}x (target <= 0.5x: "
+                        f"{'met' if half <= 0.5 else 'NOT met'})")
+    return table(headers, rows), verdicts
+
+
+# -- 7. the soak ----------------------------------------------------------------------------
+
+def daemon_footprint(daemon: "DaemonProcess") -> dict:
+    pids = daemon.pids()
+    fds = 0
+    for pid in pids:
+        try:
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            pass
+    return {"processes": len(pids), "rss_kb": sum(proc_kb(p, "VmRSS") for p in pids),
+            "pss_kb": sum(pss_kb(p) for p in pids), "fds": fds,
+            "supervisor_fds": len(os.listdir(f"/proc/{pids[0]}/fd"))}
+
+
+def soak(bench: Bench, daemon: "DaemonProcess", plugin: str, conf: dict, netns: str, count: int) -> dict:
+    """`count` ADD+DEL cycles through the daemon, one after another, exec'd as a runtime would."""
+    times = []
+    early = None
+    for i in range(count):
+        started = time.perf_counter()
+        bench.call(plugin, "ADD", conf, f"soak{i}", netns)
+        bench.call(plugin, "DEL", conf, f"soak{i}", netns)
+        times.append(time.perf_counter() - started)
+        if i + 1 == min(100, count):
+            early = daemon_footprint(daemon)
+        if (i + 1) % 1000 == 0:
+            log(f"soak: {i + 1} cycles")
+    late = daemon_footprint(daemon)
+    ordered = sorted(times)
+    return {"cycles": count, "early": early, "late": late, "median_s": statistics.median(times),
+            "p99_s": ordered[int(0.99 * (len(ordered) - 1))], "max_s": ordered[-1],
+            "slowest_at": times.index(ordered[-1]) + 1}
+
+
+def soak_table(result: dict) -> tuple[str, list[str]]:
+    early, late = result["early"], result["late"]
+    rows = [
+        ["daemon RSS, all processes", f"{early['rss_kb'] / 1024:.1f} MiB", f"{late['rss_kb'] / 1024:.1f} MiB",
+         f"{late['rss_kb'] / early['rss_kb']:.2f}x"],
+        ["daemon PSS, all processes", f"{early['pss_kb'] / 1024:.1f} MiB", f"{late['pss_kb'] / 1024:.1f} MiB",
+         f"{late['pss_kb'] / early['pss_kb']:.2f}x"],
+        ["open file descriptors, all processes", str(early["fds"]), str(late["fds"]),
+         f"{late['fds'] - early['fds']:+d}"],
+        ["processes (supervisor + workers)", str(early["processes"]), str(late["processes"]), ""],
+    ]
+    memory_ok = late["rss_kb"] <= 1.1 * early["rss_kb"] and late["pss_kb"] <= 1.1 * early["pss_kb"]
+    verdicts = [
+        f"cycles: {result['cycles']:,}; median {result['median_s'] * 1000:.1f} ms, 99th percentile "
+        f"{result['p99_s'] * 1000:.1f} ms, slowest {result['max_s'] * 1000:.1f} ms (cycle {result['slowest_at']:,})",
+        f"memory within 10% of after the first 100 cycles: {'met' if memory_ok else 'NOT met'}; "
+        f"no fd growth: {'met' if late['fds'] <= early['fds'] else 'NOT met'}",
+    ]
+    return table(["measure", "after 100 cycles", f"after {result['cycles']:,}", "change"], rows), verdicts
 
 
 def ipam_in_process(conf: dict, netns: str, count: int) -> float:
