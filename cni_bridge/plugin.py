@@ -64,9 +64,16 @@ class BridgePlugin:
                 held = {v: host.addresses(plan.bridge, v) for v in sorted({a.version for a in plan.addresses})}
                 self._refuse_bridge_addresses(plan, held)
                 point("add.bridge-ready")
-                host.delete_link(plan.host_veth)  # left by an earlier ADD of this attachment that died
                 undo.callback(_quietly(host.delete_link, plan.host_veth))
-                host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
+                try:
+                    host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
+                except Exception:
+                    # Left by an earlier ADD of this attachment that died (the pod's ifname is
+                    # free: checked above)? Then replace it. Asked only on failure: a lookup
+                    # up front cost every ADD a netlink round trip.
+                    if not host.delete_link(plan.host_veth):
+                        raise
+                    host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
                 point("add.veth-created")
                 host.attach(plan.host_veth, plan.bridge, plan.hairpin)
                 point("add.veth-attached")
@@ -155,10 +162,13 @@ class BridgePlugin:
                 errors.append(err)
 
         sources: list = []   # the pod's addresses, read before its link goes (masquerade cleanup)
+        removed: list[bool] = []
         if cmd.netns:
-            step(lambda: sources.extend(self._delete_container_link(cmd.netns, cmd.ifname, conf.ip_masq)))
+            step(lambda: removed.append(self._delete_container_link(cmd.netns, cmd.ifname, conf.ip_masq, sources)))
             point("del.container-link-removed")
-        step(lambda: self._delete_host_veth(cmd.container_id, cmd.ifname))
+        if not any(removed):
+            # The pod's link took its host end with it; without one, a crashed ADD may have left it.
+            step(lambda: self._delete_host_veth(cmd.container_id, cmd.ifname))
         point("del.host-veth-removed")
         step(lambda: ipam_client.delete(req))
         point("del.ipam-released")
@@ -169,17 +179,17 @@ class BridgePlugin:
         if errors:
             raise errors[0]
 
-    def _delete_container_link(self, netns: str, ifname: str, read_addresses: bool) -> list[Any]:
-        """Delete the pod's interface; its addresses (when asked for) as they were."""
+    def _delete_container_link(self, netns: str, ifname: str, read_addresses: bool, addresses: list[Any]) -> bool:
+        """Delete the pod's interface; True if there was one. Its addresses (when asked
+        for) are appended to `addresses` first."""
         try:
             container = self.netlink(netns)
         except CNIError:
-            return []  # the netns is already gone, and the veth with it
+            return False  # the netns is already gone, and the veth with it
         with container:
-            held = [address.ip for address in container.addresses(ifname)
-                    if not address.ip.is_link_local] if read_addresses else []
-            container.delete_link(ifname)
-        return held
+            if read_addresses:
+                addresses += [address.ip for address in container.addresses(ifname) if not address.ip.is_link_local]
+            return container.delete_link(ifname)
 
     def _delete_host_veth(self, container_id: str, ifname: str) -> None:
         # Normally gone with its peer; a crashed ADD can leave the host end alone.
