@@ -11,8 +11,8 @@ import pytest
 from cni_bridge.masq.nftables import chain_name, nets_set, pods_set
 from cni_bridge.plan import masq_chain_name
 from tests.support.netns import unique
-from tests.support.reliability import (bridge_conf, cni_error, faulty, gc_conf, leftovers, masq_chains, masq_elements,
-                                       no_traceback, wait_until)
+from tests.support.reliability import (bridge_conf, cni_error, faulty, gc_conf, ipam_cli, leftovers, masq_chains,
+                                       masq_elements, no_traceback, wait_until)
 
 NET = "nftnet"
 
@@ -230,3 +230,25 @@ def test_a_network_switched_back_to_iptables_still_removes_nftables_elements(cni
     res = cni_host.run("cni-bridge", "GC", gc_conf(ipt_conf, []))
     assert res.rc == 0, res.stdout
     assert masq_elements(cni_host.netns) == []
+
+
+def test_cni_ipam_check_reports_masquerade_rules_of_either_backend_without_a_reservation(cni_host, make_netns):
+    """`cni-ipam check --masquerade`: rules left after their reservation was released by
+    hand (an nftables element and an iptables chain) are findings, naming the backend."""
+    bridge = unique("br")
+    nft_conf, ipt_conf = _conf(cni_host, bridge, "nftables"), _conf(cni_host, bridge, "iptables")
+    pods = {cid: make_netns("p") for cid in ("live", "lost-nft", "lost-ipt")}
+    _add(cni_host, nft_conf, "live", pods["live"])
+    _add(cni_host, nft_conf, "lost-nft", pods["lost-nft"])
+    _add(cni_host, ipt_conf, "lost-ipt", pods["lost-ipt"])
+    data = str(cni_host.data_dir)
+    assert ipam_cli(cni_host, "check", "--data-dir", data, "--masquerade").rc == 0
+    for cid in ("lost-nft", "lost-ipt"):
+        assert ipam_cli(cni_host, "release", "--data-dir", data, "--network", NET, "--container-id", cid).rc == 0
+
+    res = ipam_cli(cni_host, "check", "--data-dir", data, "--masquerade", "--json")
+    assert res.rc == 1, res.stdout + res.stderr
+    findings = sorted((f["kind"], f["detail"].split()[0], f["detail"].split()[3]) for f in json.loads(res.stdout))
+    assert findings == [("masq-leak", "iptables", masq_chain_name(NET, "lost-ipt", "eth0")),
+                        ("masq-leak", "nftables", masq_chain_name(NET, "lost-nft", "eth0"))]
+    assert ipam_cli(cni_host, "check", "--data-dir", data).rc == 0     # not asked for: not looked at
