@@ -677,9 +677,12 @@ def main() -> int:
         log("per-step breakdown")
         steps_conf = lambda m: bridge_conf("bench-steps", "brst", "10.208.0.0/16", work / "ipam", m, "",
                                            "nftables")
-        steps_off, inproc_off = step_breakdown(steps_conf(False), pod, args.steps)
-        steps_on, inproc_on = step_breakdown(steps_conf(True), pod, args.steps)
-        hop = perf["fe"]["cycle_off_s"] - inproc_off if "fe" in perf else None
+        beside = None
+        if "fe" in by_key:
+            beside = lambda i: cycle(bench, by_key["fe"], False, 1000 + i)
+        steps_off, inproc_off, via_fe = step_breakdown(steps_conf(False), pod, args.steps, beside)
+        steps_on, inproc_on, _ = step_breakdown(steps_conf(True), pod, args.steps)
+        hop = via_fe - inproc_off if via_fe is not None else None
         results["steps"] = {"off": steps_off, "on": steps_on, "cycle_off_s": inproc_off,
                             "cycle_on_s": inproc_on, "hop_s": hop}
         steps_table = breakdown_table(steps_off, steps_on, inproc_off, inproc_on, hop)
@@ -750,10 +753,13 @@ def main() -> int:
 
 # -- 5. where a daemon cycle spends its time ------------------------------------------------
 
-def step_breakdown(conf: dict, netns: str, count: int) -> tuple[dict[str, float], float]:
+def step_breakdown(conf: dict, netns: str, count: int,
+                   beside: Optional[Callable[[int], float]] = None) -> tuple[dict[str, float], float, Optional[float]]:
     """Median time of each step of an ADD+DEL cycle, run in-process exactly as a daemon
     worker runs it, cut at the plugin's fault points (cni_bridge/faults.py); and the
-    median whole cycle. A step's time is from the previous point (or the call's start)."""
+    median whole cycle. A step's time is from the previous point (or the call's start).
+    `beside(i)`, run after each in-process cycle, times the same cycle another way (through
+    the daemon): its median comes back third, so the difference is measured under one load."""
     import io
 
     from cni_bridge import faults
@@ -763,7 +769,7 @@ def step_breakdown(conf: dict, netns: str, count: int) -> tuple[dict[str, float]
     faults.set_step_check(lambda name: marks.append((name, time.perf_counter())))
     stdin = json.dumps(conf).encode()
     steps: dict[str, list[float]] = {}
-    cycles = []
+    cycles, others = [], []
     try:
         for i in range(-3, count):   # three untimed rounds first
             began = time.perf_counter()
@@ -783,9 +789,16 @@ def step_breakdown(conf: dict, netns: str, count: int) -> tuple[dict[str, float]
                     previous = at
             if i >= 0:
                 cycles.append(time.perf_counter() - began)
+            if beside is not None:
+                faults.set_step_check(None)
+                other = beside(i)
+                faults.set_step_check(lambda name: marks.append((name, time.perf_counter())))
+                if i >= 0:
+                    others.append(other)
     finally:
         faults.set_step_check(None)
-    return {name: statistics.median(values) for name, values in steps.items()}, statistics.median(cycles)
+    return ({name: statistics.median(values) for name, values in steps.items()}, statistics.median(cycles),
+            statistics.median(others) if others else None)
 
 
 def breakdown_table(off: dict[str, float], on: dict[str, float], cycle_off: float, cycle_on: float,
@@ -841,7 +854,8 @@ def scale_run(bench: Bench, namespaces: Namespaces, label: str, plugin: str, con
     ADD+DEL cycles of one more pod. The netns goes at the end with every rule in it."""
     role = "s" + uuid.uuid4().hex[:4]
     host = namespaces.add(role)
-    pod_dirs = [namespaces.add(f"{role}p{i}") for i in range(10)]   # 100 ifnames each, at most
+    pod_dirs = [namespaces.add(f"{role}p{i}") for i in range(10)]   # the fillers: 100 ifnames each, at most
+    probe = namespaces.add(f"{role}probe")   # the measured pod has a namespace to itself, as a real pod
     out: dict = {"label": label, "levels": {}, "attach_s": 0.0}
     with inside_netns(host), ExitStack() as stack:
         if daemon_bin is not None:
@@ -859,8 +873,8 @@ def scale_run(bench: Bench, namespaces: Namespaces, label: str, plugin: str, con
             times = []
             for i in range(-1, cycles):
                 started = time.perf_counter()
-                bench.call(plugin, "ADD", conf, f"one{level}-{i}", pod_dirs[0], extra_env={"CNI_IFNAME": "eth0"})
-                bench.call(plugin, "DEL", conf, f"one{level}-{i}", pod_dirs[0], extra_env={"CNI_IFNAME": "eth0"})
+                bench.call(plugin, "ADD", conf, f"one{level}-{i}", probe)
+                bench.call(plugin, "DEL", conf, f"one{level}-{i}", probe)
                 if i >= 0:
                     times.append(time.perf_counter() - started)
             out["levels"][level] = statistics.median(times)
@@ -913,33 +927,40 @@ def daemon_footprint(daemon: "DaemonProcess") -> dict:
 def soak(bench: Bench, daemon: "DaemonProcess", plugin: str, conf: dict, netns: str, count: int) -> dict:
     """`count` ADD+DEL cycles through the daemon, one after another, exec'd as a runtime would."""
     times = []
-    early = None
+    samples: dict[int, dict] = {}
+
+    def sample() -> dict:
+        time.sleep(0.5)   # let the worker that answered close the connection first
+        return daemon_footprint(daemon)
+
     for i in range(count):
         started = time.perf_counter()
         bench.call(plugin, "ADD", conf, f"soak{i}", netns)
         bench.call(plugin, "DEL", conf, f"soak{i}", netns)
         times.append(time.perf_counter() - started)
-        if i + 1 == min(100, count):
-            early = daemon_footprint(daemon)
+        if i + 1 in (min(100, count), 1000, count // 2) and i + 1 < count:
+            samples[i + 1] = sample()
         if (i + 1) % 1000 == 0:
             log(f"soak: {i + 1} cycles")
-    late = daemon_footprint(daemon)
+    samples[count] = sample()
+    early, late = samples[min(100, count)], samples[count]
     ordered = sorted(times)
-    return {"cycles": count, "early": early, "late": late, "median_s": statistics.median(times),
+    return {"cycles": count, "early": early, "late": late, "samples": samples, "median_s": statistics.median(times),
             "p99_s": ordered[int(0.99 * (len(ordered) - 1))], "max_s": ordered[-1],
             "slowest_at": times.index(ordered[-1]) + 1}
 
 
 def soak_table(result: dict) -> tuple[str, list[str]]:
     early, late = result["early"], result["late"]
+    points = sorted(result["samples"])
     rows = [
-        ["daemon RSS, all processes", f"{early['rss_kb'] / 1024:.1f} MiB", f"{late['rss_kb'] / 1024:.1f} MiB",
-         f"{late['rss_kb'] / early['rss_kb']:.2f}x"],
-        ["daemon PSS, all processes", f"{early['pss_kb'] / 1024:.1f} MiB", f"{late['pss_kb'] / 1024:.1f} MiB",
-         f"{late['pss_kb'] / early['pss_kb']:.2f}x"],
-        ["open file descriptors, all processes", str(early["fds"]), str(late["fds"]),
-         f"{late['fds'] - early['fds']:+d}"],
-        ["processes (supervisor + workers)", str(early["processes"]), str(late["processes"]), ""],
+        ["daemon RSS, all processes"] + [f"{result['samples'][n]['rss_kb'] / 1024:.1f} MiB" for n in points]
+        + [f"{late['rss_kb'] / early['rss_kb']:.2f}x"],
+        ["daemon PSS, all processes"] + [f"{result['samples'][n]['pss_kb'] / 1024:.1f} MiB" for n in points]
+        + [f"{late['pss_kb'] / early['pss_kb']:.2f}x"],
+        ["open file descriptors, all processes"] + [str(result["samples"][n]["fds"]) for n in points]
+        + [f"{late['fds'] - early['fds']:+d}"],
+        ["processes (supervisor + workers)"] + [str(result["samples"][n]["processes"]) for n in points] + [""],
     ]
     memory_ok = late["rss_kb"] <= 1.1 * early["rss_kb"] and late["pss_kb"] <= 1.1 * early["pss_kb"]
     verdicts = [
@@ -948,7 +969,7 @@ def soak_table(result: dict) -> tuple[str, list[str]]:
         f"memory within 10% of after the first 100 cycles: {'met' if memory_ok else 'NOT met'}; "
         f"no fd growth: {'met' if late['fds'] <= early['fds'] else 'NOT met'}",
     ]
-    return table(["measure", "after 100 cycles", f"after {result['cycles']:,}", "change"], rows), verdicts
+    return table(["measure"] + [f"after {n:,} cycles" for n in points] + ["end vs 100"], rows), verdicts
 
 
 def ipam_in_process(conf: dict, netns: str, count: int) -> float:
