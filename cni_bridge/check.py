@@ -51,7 +51,8 @@ def verify_attachment(conf: BridgeConf, cmd: CmdArgs, prev: Result, host: Any, c
             raise _fail(f"route to {route.dst} is missing in {cmd.netns}")
 
     if conf.ip_masq:
-        missing = masq.missing_jumps(conf.name, cmd.container_id, cmd.ifname, [ip.address.ip for ip in prev.ips])
+        missing = masq.missing_jumps(conf.name, cmd.container_id, cmd.ifname, [ip.address.ip for ip in prev.ips],
+                                     conf.ip_masq_backend)
         if missing:
             raise _fail(f"masquerade rules for {', '.join(map(str, missing))} "
                         f"({cmd.container_id}/{cmd.ifname}) are missing")

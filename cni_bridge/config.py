@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import StrictBool, StrictInt, StrictStr, field_validator, model_validator
 
@@ -31,6 +31,8 @@ class BridgeConf(NetConf):
     is_default_gateway: StrictBool = False
     force_address: StrictBool = False
     ip_masq: StrictBool = False
+    # As the reference plugins (v1.6.0+); None: iptables, or nftables where only nft is installed.
+    ip_masq_backend: Optional[Literal["iptables", "nftables"]] = None
     mtu: Optional[StrictInt] = None
     hairpin_mode: StrictBool = False
     promisc_mode: StrictBool = False

@@ -68,7 +68,10 @@ from .protocol.errors import CNIError, Code
 
 log = logging.getLogger("cni-bridge.daemon")
 
-DEFAULT_WORKERS = max(2, min(8, 2 * (os.cpu_count() or 1)))
+# Much of a call is spent asleep in the kernel (a veth's deletion waits ~15 ms for RCU, fsyncs),
+# not on a CPU: with 2 per CPU a 40-pod burst of DELs queued behind 4 sleeping workers. Each
+# worker costs ~8-12 MiB of private memory once warm, hence the cap (docs/performance.md).
+DEFAULT_WORKERS = max(4, min(8, 4 * (os.cpu_count() or 1)))
 REQUEST_TIMEOUT = 60.0      # seconds a call may run before it fails with code 11
 HARD_LIMIT_GRACE = 15.0     # after that, the supervisor kills a worker that is still busy
 # The client must learn the outcome (an answer, or a killed worker's closed

@@ -81,9 +81,11 @@ class MasqRule:
 
 @dataclass(frozen=True)
 class MasqPlan:
-    chain: str
+    chain: str                 # the attachment's key: its iptables chain, its nftables element comment
     comment: str
     rules: tuple[MasqRule, ...]
+    network: str = ""
+    backend: Optional[str] = None   # ipMasqBackend; None: the default (masq.backend_name)
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,8 @@ def plan_attachment(conf: BridgeConf, container_id: str, ifname: str,
             chain=masq_chain_name(conf.name, container_id, ifname),
             comment=masq_comment(conf.name, container_id, ifname),
             rules=tuple(MasqRule(ip.address.ip, ip.address.network) for ip in ips),
+            network=conf.name,
+            backend=conf.ip_masq_backend,
         )
 
     return AttachmentPlan(

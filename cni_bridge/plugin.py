@@ -64,9 +64,16 @@ class BridgePlugin:
                 held = {v: host.addresses(plan.bridge, v) for v in sorted({a.version for a in plan.addresses})}
                 self._refuse_bridge_addresses(plan, held)
                 point("add.bridge-ready")
-                host.delete_link(plan.host_veth)  # left by an earlier ADD of this attachment that died
                 undo.callback(_quietly(host.delete_link, plan.host_veth))
-                host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
+                try:
+                    host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
+                except Exception:
+                    # Left by an earlier ADD of this attachment that died (the pod's ifname is
+                    # free: checked above)? Then replace it. Asked only on failure: a lookup
+                    # up front cost every ADD a netlink round trip.
+                    if not host.delete_link(plan.host_veth):
+                        raise
+                    host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
                 point("add.veth-created")
                 host.attach(plan.host_veth, plan.bridge, plan.hairpin)
                 point("add.veth-attached")
@@ -86,7 +93,9 @@ class BridgePlugin:
                 sysctl.enable_forwarding(plan.forwarding)
                 point("add.forwarding-set")
                 if plan.masq:
-                    undo.callback(_quietly(masq.teardown, conf.name, cmd.container_id, cmd.ifname))
+                    sources = tuple(rule.source for rule in plan.masq.rules)
+                    undo.callback(_quietly(masq.teardown, conf.name, cmd.container_id, cmd.ifname,
+                                           conf.ip_masq_backend, sources))
                     masq.setup(plan.masq)
                     point("add.masq-set")
 
@@ -152,26 +161,35 @@ class BridgePlugin:
             except CNIError as err:
                 errors.append(err)
 
+        sources: list = []   # the pod's addresses, read before its link goes (masquerade cleanup)
+        removed: list[bool] = []
         if cmd.netns:
-            step(lambda: self._delete_container_link(cmd.netns, cmd.ifname))
+            step(lambda: removed.append(self._delete_container_link(cmd.netns, cmd.ifname, conf.ip_masq, sources)))
             point("del.container-link-removed")
-        step(lambda: self._delete_host_veth(cmd.container_id, cmd.ifname))
+        if not any(removed):
+            # The pod's link took its host end with it; without one, a crashed ADD may have left it.
+            step(lambda: self._delete_host_veth(cmd.container_id, cmd.ifname))
         point("del.host-veth-removed")
         step(lambda: ipam_client.delete(req))
         point("del.ipam-released")
         if conf.ip_masq:
-            step(lambda: masq.teardown(conf.name, cmd.container_id, cmd.ifname))
+            step(lambda: masq.teardown(conf.name, cmd.container_id, cmd.ifname, conf.ip_masq_backend,
+                                       tuple(sources)))
             point("del.masq-removed")
         if errors:
             raise errors[0]
 
-    def _delete_container_link(self, netns: str, ifname: str) -> None:
+    def _delete_container_link(self, netns: str, ifname: str, read_addresses: bool, addresses: list[Any]) -> bool:
+        """Delete the pod's interface; True if there was one. Its addresses (when asked
+        for) are appended to `addresses` first."""
         try:
             container = self.netlink(netns)
         except CNIError:
-            return  # the netns is already gone, and the veth with it
+            return False  # the netns is already gone, and the veth with it
         with container:
-            container.delete_link(ifname)
+            if read_addresses:
+                addresses += [address.ip for address in container.addresses(ifname) if not address.ip.is_link_local]
+            return container.delete_link(ifname)
 
     def _delete_host_veth(self, container_id: str, ifname: str) -> None:
         # Normally gone with its peer; a crashed ADD can leave the host end alone.
@@ -208,11 +226,11 @@ class BridgePlugin:
         except CNIError as err:
             problems.append(f"masquerade rules: {err}")
             stale = set()
-        for chain in sorted(stale):
+        for key in sorted(stale):
             try:
-                masq.remove(chain)
+                masq.remove(conf.name, key)
             except CNIError as err:
-                problems.append(f"masquerade chain {chain}: {err}")
+                problems.append(f"masquerade rules {key}: {err}")
         if problems:
             raise CNIError(Code.IO_FAILURE, "GC could not remove everything", "; ".join(problems))
 
@@ -221,10 +239,12 @@ class BridgePlugin:
         conf = load(BridgeConf, req.config)
         if conf.ip_masq:
             # The IP versions the ranges name; IPv4 when the IPAM config names none.
-            missing = masq.missing_tools(configured_ip_versions(req.config.get("ipam")) or {4})
+            versions = configured_ip_versions(req.config.get("ipam")) or {4}
+            missing = masq.missing_tools(versions, conf.ip_masq_backend)
             if missing:
+                package = "nftables" if missing == ["nft"] else "iptables"
                 raise CNIError(Code.CANNOT_SERVE_ADD, f"ipMasq is set but {', '.join(missing)} is not installed",
-                               "install the iptables package or set ipMasq to false")
+                               f"install the {package} package or set ipMasq to false")
         try:
             ipam_client.status(req)
         except CNIError as err:

@@ -3,7 +3,7 @@
 Runs when cni-ipam is started without CNI_COMMAND and with a command:
 
     cni-ipam list    [--data-dir DIR] [--network NAME] [--json]
-    cni-ipam check   [--data-dir DIR] [--network NAME] [--json] [--netns-dir DIR] [--host-veths]
+    cni-ipam check   [--data-dir DIR] [--network NAME] [--json] [--netns-dir DIR] [--host-veths] [--masquerade]
     cni-ipam release --network NAME (--ip IP | --container-id CID [--ifname IF]) [--dry-run]
     cni-ipam gc      --network NAME (--keep CID[/IFNAME] ... [--force] | --all-dead) [--dry-run]
 
@@ -48,6 +48,11 @@ what each finding means:
                        namespace) the host-side veth cni-bridge names after this
                        container and ifname is missing. Meaningless for networks
                        attached by another main plugin, whose veth names are random.
+  masq-leak            (only with --masquerade; run it in the host's network
+                       namespace) cni-bridge masquerade rules of this network (an
+                       iptables chain or an nftables set element, whichever backend
+                       made them) belong to an attachment that holds no address
+                       here; the network's GC, or the attachment's DEL, removes them.
   damaged              the reservation file cannot be parsed; the address stays
                        blocked until `release --ip` removes the file.
   not-indexed          the reservation is missing from the owner index (host-local's
@@ -230,10 +235,28 @@ def find_problems(state: NetworkState, boot_id: str, netns_dir: Optional[str],
     return found
 
 
+def masquerade_leaks(state: NetworkState) -> list[Finding]:
+    """Masquerade rules of the network, in either backend, whose attachment holds no address."""
+    from cni_bridge import masq   # only with --masquerade: it brings the bridge's config models
+    from cni_bridge.plan import masq_chain_name
+
+    live = {masq_chain_name(state.name, e.reservation.container_id, e.reservation.ifname)
+            for e in state.entries if not e.reservation.damaged}
+    found = []
+    for backend, module in sorted(masq.BACKENDS.items()):
+        if not module.available():
+            continue
+        for key in sorted(module.attachments(state.name) - live):
+            found.append(Finding(state.name, "masq-leak",
+                                 f"{backend} masquerade rules {key} belong to no reservation of this network"))
+    return found
+
+
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     boot_id = current_boot_id()
     findings = [f for state in read_all(args.data_dir, args.network)
-                for f in find_problems(state, boot_id, args.netns_dir, args.host_veths)]
+                for f in find_problems(state, boot_id, args.netns_dir, args.host_veths)
+                + (masquerade_leaks(state) if args.masquerade else [])]
     if args.json:
         json.dump([f.to_dict() for f in findings], out, indent=2)
         out.write("\n")
@@ -397,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--netns-dir", default=None, metavar="DIR",
                    help="for reservations with no recorded netns, expect DIR/<containerID> "
                         "(e.g. /var/run/netns with cnitool); off by default")
+    p.add_argument("--masquerade", action="store_true",
+                   help="also report masquerade rules (iptables or nftables) whose attachment holds no "
+                        "address (run it in the host's network namespace)")
     p.add_argument("--host-veths", action="store_true",
                    help="flag reservations whose cni-bridge host veth is missing (cni-bridge networks only)")
     p.set_defaults(run=cmd_check)

@@ -12,7 +12,14 @@ Prints, as tables:
   2. the import budget of each verb (`python -X importtime`);
   3. peak RSS of one exec'd front end and of the daemon;
   4. IPAM ADD+DEL cost with 10 and with 5,000 reservations in the store;
-  5. RunPodSandbox and Stop+Remove through a private containerd (scripts/bench_cri.py).
+  5. RunPodSandbox and Stop+Remove through a private containerd (scripts/bench_cri.py);
+  6. where one daemon cycle spends its time, step by step (the plugin's fault
+     points, timed in-process, plus the front end and socket hop);
+  7. the scale table: with ipMasq on, the cycle of one more pod with 0, 100,
+     500 and 1,000 pods already attached (a /21), ours (daemon, nftables
+     backend) beside the reference, and the time to attach them all in parallel;
+  8. the soak: 10,000 ADD+DEL cycles through the daemon, its memory (RSS, PSS)
+     and open files after the first 100 and at the end, and the slowest cycle.
 
 Our plugins are measured as `pip install .` lays them out (console scripts,
 no editable-install finder), in a throwaway environment built from this
@@ -56,7 +63,8 @@ if __name__ == '__main__':
     sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
     sys.exit({func}())
 """
-TARGETS = {"standalone": 16.0, "daemon": 1.5}
+# Issue 11: the daemon + static front end at most 1.0x the reference (ipMasq off: cycle and burst).
+TARGETS = {"standalone": 16.0, "daemon": 1.5, "front end": 1.0}
 GNU_TIME = Path("/usr/bin/time")
 
 
@@ -230,10 +238,14 @@ class Variant:
     make_conf: Callable[[bool], dict]
 
 
-def bridge_conf(name: str, bridge: str, subnet: str, data_dir: Path, masq: bool, daemon_socket: str) -> dict:
-    return {"cniVersion": CNI_VERSION, "name": name, "type": "cni-bridge", "bridge": bridge,
+def bridge_conf(name: str, bridge: str, subnet: str, data_dir: Path, masq: bool, daemon_socket: str,
+                masq_backend: str = "") -> dict:
+    conf = {"cniVersion": CNI_VERSION, "name": name, "type": "cni-bridge", "bridge": bridge,
             "isGateway": True, "ipMasq": masq, "daemonSocket": daemon_socket,
             "ipam": {"type": "cni-ipam", "dataDir": str(data_dir), "ranges": [[{"subnet": subnet}]]}}
+    if masq_backend:
+        conf["ipMasqBackend"] = masq_backend
+    return conf
 
 
 def reference_conf(name: str, bridge: str, subnet: str, data_dir: Path, masq: bool) -> dict:
@@ -425,6 +437,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=0, help="daemon workers (default: the daemon's default)")
     parser.add_argument("--reservations", type=int, default=5000)
     parser.add_argument("--cri-pods", type=int, default=10, help="pods per variant through containerd's CRI")
+    parser.add_argument("--steps", type=int, default=20, help="in-process cycles for the per-step breakdown")
+    parser.add_argument("--scale", default="0,100,500,1000",
+                        help="pods attached for the scale table (comma-separated; empty: skip it)")
+    parser.add_argument("--scale-cycles", type=int, default=10, help="cycles per level of the scale table")
+    parser.add_argument("--scale-window", type=int, default=40, help="ADDs in flight while attaching")
+    parser.add_argument("--soak", type=int, default=10000, help="ADD+DEL cycles of the soak (0: skip it)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -507,10 +525,12 @@ def main() -> int:
             perf[variant.key] = {"cycle_off_s": c_off, "cycle_on_s": c_on, "burst_add_s": b_add,
                                  "burst_del_s": b_del, "burst_s": b_all, "ratio_cycle_off": r_off,
                                  "ratio_cycle_on": r_on, "ratio_burst": r_b}
-            target = TARGETS.get({"sa": "standalone", "dm": "daemon", "fe": "daemon"}.get(variant.key, ""), None)
+            target = TARGETS.get({"sa": "standalone", "dm": "daemon", "fe": "front end"}.get(variant.key, ""), None)
             verdict = "-"
             if target is not None:
                 checks = [r_off <= target, r_on <= target] + ([r_b <= target] if variant.key != "sa" else [])
+                if variant.key == "fe":   # issue 11's target names ipMasq off (ipMasq on: the scale table)
+                    checks = [r_off <= target, r_b <= target]
                 verdict = f"<= {target:g}x: " + ("met" if all(checks) else "NOT met")
             rows.append([variant.label, fmt_ms(c_off), f"{r_off:.2f}x", fmt_ms(c_on), f"{r_on:.2f}x",
                          f"{fmt_ms(b_all)} ({fmt_ms(b_add)} + {fmt_ms(b_del)})", f"{r_b:.2f}x", verdict])
@@ -659,6 +679,44 @@ def main() -> int:
         import bench_cri
         cri_rows, results["cri"] = bench_cri.measure(work / "cri", bin_dir, front_end, args.cri_pods, log)
         cri_table = table(["variant", "RunPodSandbox", "ratio", "Stop+Remove", "ratio"], cri_rows)
+        # 6. per-step breakdown of one daemon cycle.
+        log("per-step breakdown")
+        steps_conf = lambda m: bridge_conf("bench-steps", "brst", "10.208.0.0/16", work / "ipam", m, "",
+                                           "nftables")
+        beside = None
+        if "fe" in by_key:
+            beside = lambda i: cycle(bench, by_key["fe"], False, 1000 + i)
+        steps_off, inproc_off, via_fe = step_breakdown(steps_conf(False), pod, args.steps, beside)
+        steps_on, inproc_on, _ = step_breakdown(steps_conf(True), pod, args.steps)
+        hop = via_fe - inproc_off if via_fe is not None else None
+        results["steps"] = {"off": steps_off, "on": steps_on, "cycle_off_s": inproc_off,
+                            "cycle_on_s": inproc_on, "hop_s": hop}
+        steps_table = breakdown_table(steps_off, steps_on, inproc_off, inproc_on, hop)
+
+        # 7. scale: ipMasq on, pods already attached.
+        levels = sorted({int(level) for level in args.scale.split(",") if level.strip()})
+        scale_out = None
+        if levels:
+            log(f"scale table: {levels}")
+            front = "cni-bridge-fe" if front_end is not None else "cni-bridge"
+            runs = scale_runs(bench, namespaces, stack, [
+                (f"cni-bridge + daemon{', static front end' if front_end else ''}, nftables", front,
+                 bridge_conf("bench-scale", "brsc", "10.210.0.0/21", work / "ipam-scale", True, "", "nftables")),
+                ("reference bridge + host-local (iptables)", "bridge",
+                 reference_conf("bench-scale-ref", "brsr", "10.211.0.0/21", work / "ipam-scale", True)),
+            ], levels, args.scale_cycles, args.scale_window, bin_dir)
+            results["scale"] = runs
+            scale_out = scale_table(runs, levels, args.scale_window)
+
+        # 8. soak: memory and fds of the daemon over many cycles.
+        soak_out = None
+        if args.soak:
+            log(f"soak: {args.soak} cycles")
+            front = "cni-bridge-fe" if front_end is not None else "cni-bridge"
+            soak_result = soak(bench, daemon, front, by_key["fe" if front_end is not None else "dm"].make_conf(False),
+                               pod, args.soak)
+            results["soak"] = soak_result
+            soak_out = soak_table(soak_result)
 
     elapsed = time.monotonic() - began
     print(f"# cni-bridge benchmark, {results['date']}")
@@ -682,9 +740,273 @@ def main() -> int:
     print(ipam_table)
     print(f"\n## Through containerd's CRI (kubelet's path), medians of {args.cri_pods} pods\n")
     print(cri_table)
+    print("\n## One daemon cycle, step by step (medians; in-process as a worker runs it)\n")
+    print(steps_table)
+    if scale_out is not None:
+        print(f"\n## Scale: ipMasq on, the cycle of one more pod with pods already attached (a /21)\n")
+        print(scale_out[0])
+        print("\n" + "\n".join(scale_out[1]))
+    if soak_out is not None:
+        print(f"\n## Soak: daemon memory and files over {args.soak:,} ADD+DEL cycles (static front end)\n")
+        print(soak_out[0])
+        print("\n" + "\n".join(soak_out[1]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 1 if bad else 0
+
+
+# -- 5. where a daemon cycle spends its time ------------------------------------------------
+
+def step_breakdown(conf: dict, netns: str, count: int,
+                   beside: Optional[Callable[[int], float]] = None) -> tuple[dict[str, float], float, Optional[float]]:
+    """Median time of each step of an ADD+DEL cycle, run in-process exactly as a daemon
+    worker runs it, cut at the plugin's fault points (cni_bridge/faults.py); and the
+    median whole cycle. A step's time is from the previous point (or the call's start).
+    `beside(i)`, run after each in-process cycle, times the same cycle another way (through
+    the daemon): its median comes back third, so the difference is measured under one load."""
+    import io
+
+    from cni_bridge import faults
+    from cni_bridge.main import run_in_process
+
+    marks: list[tuple[str, float]] = []
+    faults.set_step_check(lambda name: marks.append((name, time.perf_counter())))
+    stdin = json.dumps(conf).encode()
+    steps: dict[str, list[float]] = {}
+    cycles, others = [], []
+    try:
+        for i in range(-3, count):   # three untimed rounds first
+            began = time.perf_counter()
+            for command in ("ADD", "DEL"):
+                marks.clear()
+                env = {"CNI_COMMAND": command, "CNI_CONTAINERID": f"steps{i}", "CNI_NETNS": netns,
+                       "CNI_IFNAME": "eth0", "CNI_PATH": "/nonexistent",
+                       "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+                start = time.perf_counter()
+                out = io.StringIO()
+                if run_in_process(env, stdin, out, io.StringIO()) != 0:
+                    raise RuntimeError(f"in-process {command} failed: {out.getvalue()}")
+                previous = start
+                for name, at in marks + [(f"{command.lower()}.result-written", time.perf_counter())]:
+                    if i >= 0:
+                        steps.setdefault(name, []).append(at - previous)
+                    previous = at
+            if i >= 0:
+                cycles.append(time.perf_counter() - began)
+            if beside is not None:
+                faults.set_step_check(None)
+                other = beside(i)
+                faults.set_step_check(lambda name: marks.append((name, time.perf_counter())))
+                if i >= 0:
+                    others.append(other)
+    finally:
+        faults.set_step_check(None)
+    return ({name: statistics.median(values) for name, values in steps.items()}, statistics.median(cycles),
+            statistics.median(others) if others else None)
+
+
+def breakdown_table(off: dict[str, float], on: dict[str, float], cycle_off: float, cycle_on: float,
+                    hop: Optional[float]) -> str:
+    from cni_bridge.faults import POINTS
+
+    where = {p.name: p.where for p in POINTS}
+    where.update({"add.result-written": "the result JSON is written", "del.result-written": "DEL returns"})
+    rows = []
+    for name in list(dict.fromkeys(list(on) + list(off))):   # ipMasq on passes every point
+        rows.append([name, where.get(name, ""), f"{off[name] * 1000:.2f}" if name in off else "-",
+                     f"{on[name] * 1000:.2f}" if name in on else "-"])
+    rows.append(["= cycle in-process", "ADD + DEL in a worker, no socket", f"{cycle_off * 1000:.1f}",
+                 f"{cycle_on * 1000:.1f}"])
+    if hop is not None:
+        rows.append(["+ front end and socket", "static front end exec, socket hop, worker hand-off (2 calls)",
+                     f"{hop * 1000:.1f}", "-"])
+    return table(["step (ends at the fault point)", "what is done by then", "ms, ipMasq off",
+                  "ms, ipMasq on (nftables)"], rows)
+
+
+# -- 6. the scale table -------------------------------------------------------------------
+
+def run_window(bench: Bench, plugin: str, command: str, conf: dict, calls: list[tuple[str, str, str]],
+               window: int) -> float:
+    """Run (cid, netns, ifname) calls with at most `window` in flight; the wall time taken."""
+    started = time.perf_counter()
+    pending = list(calls)
+    running: list[subprocess.Popen] = []
+    failures = []
+    while pending or running:
+        while pending and len(running) < window:
+            cid, netns, ifname = pending.pop(0)
+            env = bench.env(command, cid, netns, ifname)
+            proc = subprocess.Popen([str(bench.cni_path / plugin)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            proc.stdin.write(json.dumps(conf).encode())
+            proc.stdin.close()
+            proc.stdin = None
+            running.append(proc)
+        proc = running.pop(0)
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            failures.append((out + err).decode()[-500:])
+    if failures:
+        raise RuntimeError(f"{plugin} {command}: {len(failures)} of {len(calls)} failed: {failures[0]}")
+    return time.perf_counter() - started
+
+
+class ScaleNode:
+    """One scratch host netns (with its own daemon for our plugin) holding `attached` pods,
+    and a pod namespace of its own for the measured cycle."""
+
+    def __init__(self, bench: Bench, namespaces: Namespaces, stack: ExitStack, plugin: str, conf: dict,
+                 daemon_bin: Optional[Path]) -> None:
+        role = "s" + uuid.uuid4().hex[:4]
+        self.bench, self.plugin, self.conf = bench, plugin, conf
+        self.host = namespaces.add(role)
+        self.probe = namespaces.add(f"{role}probe")   # the measured pod has a namespace to itself
+        self.fillers = [namespaces.add(f"{role}p{i}") for i in range(10)]   # 100 ifnames each, at most
+        self.attached = 0
+        if daemon_bin is not None:
+            sock = bench.work / f"run-{role}" / "daemon.sock"
+            with inside_netns(self.host):
+                daemon = DaemonProcess(daemon_bin, sock, None)
+            stack.callback(daemon.stop)
+            self.conf = dict(conf, daemonSocket=str(sock))
+
+    def attach_up_to(self, level: int, window: int) -> float:
+        calls = [(f"fill{i}", self.fillers[i % len(self.fillers)], f"f{i // len(self.fillers)}")
+                 for i in range(self.attached, level)]
+        self.attached = level
+        if not calls:
+            return 0.0
+        with inside_netns(self.host):
+            return run_window(self.bench, self.plugin, "ADD", self.conf, calls, window)
+
+    def cycle(self, tag: str) -> float:
+        with inside_netns(self.host):
+            started = time.perf_counter()
+            self.bench.call(self.plugin, "ADD", self.conf, tag, self.probe)
+            self.bench.call(self.plugin, "DEL", self.conf, tag, self.probe)
+            return time.perf_counter() - started
+
+
+def scale_runs(bench: Bench, namespaces: Namespaces, stack: ExitStack, variants: list[tuple[str, str, dict]],
+               levels: list[int], cycles: int, window: int, daemon_bin: Path) -> list[dict]:
+    """Per variant, a node that fills up level by level and an empty node beside it. At each
+    level the cycles of all of them are interleaved, so machine load hits them alike: the
+    ratio to the empty node is the cost of the pods present, not of the minute measured."""
+    nodes = []
+    for label, plugin, conf in variants:
+        ours = plugin != "bridge"
+        nodes.append({"label": label,
+                      "full": ScaleNode(bench, namespaces, stack, plugin, conf, daemon_bin if ours else None),
+                      "empty": ScaleNode(bench, namespaces, stack, plugin, conf, daemon_bin if ours else None),
+                      "levels": {}, "empty_levels": {}, "attach_s": 0.0})
+    for level in levels:
+        for node in nodes:
+            node["attach_s"] += node["full"].attach_up_to(level, window)
+        samples: dict[tuple[int, str], list[float]] = {}
+        for i in range(-1, cycles):
+            for n, node in enumerate(nodes):
+                for which in ("full", "empty"):
+                    took = node[which].cycle(f"one{level}-{which}-{i}")
+                    if i >= 0:
+                        samples.setdefault((n, which), []).append(took)
+        for n, node in enumerate(nodes):
+            node["levels"][level] = statistics.median(samples[(n, "full")])
+            node["empty_levels"][level] = statistics.median(samples[(n, "empty")])
+            log(f"scale: {node['label']}: {level} pods attached, cycle {fmt_ms(node['levels'][level])} "
+                f"(empty node beside it: {fmt_ms(node['empty_levels'][level])})")
+    return [{key: node[key] for key in ("label", "levels", "empty_levels", "attach_s")} for node in nodes]
+
+
+def scale_table(runs: list[dict], levels: list[int], window: int) -> tuple[str, list[str]]:
+    ref = runs[-1]
+    rows = []
+    for run in runs:
+        cells = [run["label"]]
+        for level in levels:
+            value = run["levels"][level]
+            vs_empty = value / run["empty_levels"][level]
+            vs_ref = "" if run is ref else f", {value / ref['levels'][level]:.2f}x ref"
+            cells.append(f"{fmt_ms(value)} ({vs_empty:.2f}x empty{vs_ref})")
+        cells.append(fmt_ms(run["attach_s"]))
+        rows.append(cells)
+    headers = (["variant"] + [f"cycle, {level:,} attached" for level in levels]
+               + [f"attach {levels[-1]:,} ({window} in flight)"])
+    verdicts = []
+    ours = runs[0]
+    top = levels[-1]
+    flat = ours["levels"][top] / ours["empty_levels"][top]
+    target = f" (target <= 1.2x: {'met' if flat <= 1.2 else 'NOT met'})" if top == 1000 else ""
+    verdicts.append(f"{top:,} attached vs an empty node measured alongside, ours: {flat:.2f}x{target}; "
+                    f"vs its own 0-attached column: {ours['levels'][top] / ours['levels'][levels[0]]:.2f}x")
+    if 500 in ours["levels"]:
+        half = ours["levels"][500] / ref["levels"][500]
+        verdicts.append(f"500 attached, ours vs the reference: {half:.2f}x (target <= 0.5x: "
+                        f"{'met' if half <= 0.5 else 'NOT met'})")
+    return table(headers, rows), verdicts
+
+
+# -- 7. the soak ----------------------------------------------------------------------------
+
+def daemon_footprint(daemon: "DaemonProcess") -> dict:
+    pids = daemon.pids()
+    fds = 0
+    for pid in pids:
+        try:
+            fds += len(os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            pass
+    return {"processes": len(pids), "rss_kb": sum(proc_kb(p, "VmRSS") for p in pids),
+            "pss_kb": sum(pss_kb(p) for p in pids), "fds": fds,
+            "supervisor_fds": len(os.listdir(f"/proc/{pids[0]}/fd"))}
+
+
+def soak(bench: Bench, daemon: "DaemonProcess", plugin: str, conf: dict, netns: str, count: int) -> dict:
+    """`count` ADD+DEL cycles through the daemon, one after another, exec'd as a runtime would."""
+    times = []
+    samples: dict[int, dict] = {}
+
+    def sample() -> dict:
+        time.sleep(0.5)   # let the worker that answered close the connection first
+        return daemon_footprint(daemon)
+
+    for i in range(count):
+        started = time.perf_counter()
+        bench.call(plugin, "ADD", conf, f"soak{i}", netns)
+        bench.call(plugin, "DEL", conf, f"soak{i}", netns)
+        times.append(time.perf_counter() - started)
+        if i + 1 in (min(100, count), 1000, count // 2) and i + 1 < count:
+            samples[i + 1] = sample()
+        if (i + 1) % 1000 == 0:
+            log(f"soak: {i + 1} cycles")
+    samples[count] = sample()
+    early, late = samples[min(100, count)], samples[count]
+    ordered = sorted(times)
+    return {"cycles": count, "early": early, "late": late, "samples": samples, "median_s": statistics.median(times),
+            "p99_s": ordered[int(0.99 * (len(ordered) - 1))], "max_s": ordered[-1],
+            "slowest_at": times.index(ordered[-1]) + 1}
+
+
+def soak_table(result: dict) -> tuple[str, list[str]]:
+    early, late = result["early"], result["late"]
+    points = sorted(result["samples"])
+    rows = [
+        ["daemon RSS, all processes"] + [f"{result['samples'][n]['rss_kb'] / 1024:.1f} MiB" for n in points]
+        + [f"{late['rss_kb'] / early['rss_kb']:.2f}x"],
+        ["daemon PSS, all processes"] + [f"{result['samples'][n]['pss_kb'] / 1024:.1f} MiB" for n in points]
+        + [f"{late['pss_kb'] / early['pss_kb']:.2f}x"],
+        ["open file descriptors, all processes"] + [str(result["samples"][n]["fds"]) for n in points]
+        + [f"{late['fds'] - early['fds']:+d}"],
+        ["processes (supervisor + workers)"] + [str(result["samples"][n]["processes"]) for n in points] + [""],
+    ]
+    memory_ok = late["rss_kb"] <= 1.1 * early["rss_kb"] and late["pss_kb"] <= 1.1 * early["pss_kb"]
+    verdicts = [
+        f"cycles: {result['cycles']:,}; median {result['median_s'] * 1000:.1f} ms, 99th percentile "
+        f"{result['p99_s'] * 1000:.1f} ms, slowest {result['max_s'] * 1000:.1f} ms (cycle {result['slowest_at']:,})",
+        f"memory within 10% of after the first 100 cycles: {'met' if memory_ok else 'NOT met'}; "
+        f"no fd growth: {'met' if late['fds'] <= early['fds'] else 'NOT met'}",
+    ]
+    return table(["measure"] + [f"after {n:,} cycles" for n in points] + ["end vs 100"], rows), verdicts
 
 
 def ipam_in_process(conf: dict, netns: str, count: int) -> float:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(iproute2 iptables busybox-static containernetworking-plugins graphviz)
+PACKAGES=(iproute2 iptables nftables busybox-static containernetworking-plugins graphviz)
 # The overlay tests: a ping that can set DF (-M do); `make bench`: pod-to-pod throughput.
 PACKAGES+=(iputils-ping iperf3)
 if [ "${WITH_RUNTIMES:-0}" = 1 ]; then

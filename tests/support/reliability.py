@@ -2,7 +2,7 @@
 
 Configs for one scratch network, and `leftovers()`: everything an attachment
 can leave behind (host veths, reservation files, owner records, temp files,
-masquerade chains), so "nothing leaks" is one assertion.
+masquerade chains and nftables set elements), so "nothing leaks" is one assertion.
 """
 from __future__ import annotations
 
@@ -85,6 +85,22 @@ def masq_chains(host: Netns) -> list[str]:
     return sorted({line.split()[1] for line in host.nat_rules() if line.startswith("-N CBR-")})
 
 
+def masq_elements(host: Netns) -> list[str]:
+    """`<set> <address> <comment>` of every pod address in cni-bridge's nftables table."""
+    proc = host.exec("nft", "-j", "list", "table", "inet", "cni_bridge", check=False)
+    if proc.returncode != 0:
+        return []   # no table (or no nft): no elements
+    found = []
+    for obj in json.loads(proc.stdout)["nftables"]:
+        nft_set = obj.get("set", {})
+        if not nft_set.get("name", "").startswith("pods"):
+            continue
+        for elem in nft_set.get("elem", []):
+            value = elem["elem"] if isinstance(elem, dict) and "elem" in elem else {"val": elem}
+            found.append(f"{nft_set['name']} {value['val']} {value.get('comment', '')}")
+    return sorted(found)
+
+
 def leftovers(cni_host: CniHost, network: str, *, temp_files: bool = True) -> dict[str, list[str]]:
     """Everything left behind; empty when nothing leaked."""
     found = dict(store_files(cni_host.data_dir, network))
@@ -92,6 +108,7 @@ def leftovers(cni_host: CniHost, network: str, *, temp_files: bool = True) -> di
         found.pop("temp_files")
     found["veths"] = host_veths(cni_host.netns)
     found["chains"] = masq_chains(cni_host.netns)
+    found["nft_elements"] = masq_elements(cni_host.netns)
     return {key: value for key, value in found.items() if value}
 
 

@@ -39,6 +39,8 @@ class HostEffects:
         self.masq_teardown: list[tuple[str, str, str]] = []
         self.rules: set[tuple[str, str, str]] = set()   # (network, cid, ifname) of installed chains
         self.iptables = True
+        self.nft = True
+        self.teardown_sources: list[tuple] = []   # (backend, pod addresses) each teardown got
         self.ip6tables = True
         self.fail_forwarding: CNIError | None = None
         self.fail_masq: CNIError | None = None
@@ -56,19 +58,22 @@ class HostEffects:
         if self.fail_masq:
             raise self.fail_masq
 
-    def teardown(self, network, cid, ifname):
+    def teardown(self, network, cid, ifname, backend=None, sources=()):
         self.masq_teardown.append((network, cid, ifname))
+        self.teardown_sources.append((backend, tuple(sources)))
 
     def attachments(self, network):
         return {masq_chain_name(n, c, i) for (n, c, i) in self.rules if n == network}
 
-    def remove(self, chain):
-        self.masq_teardown += [rule for rule in sorted(self.rules) if masq_chain_name(*rule) == chain]
+    def remove(self, network, key):
+        self.masq_teardown += [rule for rule in sorted(self.rules) if masq_chain_name(*rule) == key]
 
-    def missing_jumps(self, network, cid, ifname, sources):
+    def missing_jumps(self, network, cid, ifname, sources, backend=None):
         return [] if (network, cid, ifname) in self.rules else list(sources)
 
-    def missing_tools(self, versions):
+    def missing_tools(self, versions, backend=None):
+        if backend == "nftables":
+            return [] if self.nft else ["nft"]
         present = {4: self.iptables, 6: self.ip6tables}
         return [{4: "iptables", 6: "ip6tables"}[v] for v in sorted(versions) if not present[v]]
 
@@ -340,6 +345,33 @@ def test_del_removes_everything_and_is_idempotent(plugin, kernel, host, config, 
     assert kernel.open_handles() == []
 
 
+def test_del_hands_masquerade_the_backend_and_the_pod_addresses(plugin, kernel, host, config):
+    """The pod's addresses are read before its link goes: the nftables backend removes
+    their set elements directly instead of searching the sets."""
+    config.update(ipMasq=True, ipMasqBackend="nftables")
+    add(plugin, config)
+    verb(plugin, "DEL", config)
+    assert host.teardown_sources == [("nftables", (ip("10.22.0.2"),))]
+    verb(plugin, "DEL", config)                      # the link is gone: no addresses to hand over
+    assert host.teardown_sources[-1] == ("nftables", ())
+    verb(plugin, "DEL", {**config}, CNI_NETNS="")    # no netns at all
+    assert host.teardown_sources[-1] == ("nftables", ())
+
+
+def test_add_plans_masquerade_with_the_configured_backend(plugin, kernel, host, config):
+    add(plugin, {**config, "ipMasq": True, "ipMasqBackend": "nftables"})
+    (plan,) = host.masq_setup
+    assert plan.backend == "nftables" and plan.network == "pods"
+
+
+@pytest.mark.parametrize("backend", ["nft", "", 4, "IPTABLES"])
+def test_a_bad_masquerade_backend_is_an_invalid_config(plugin, kernel, host, config, backend):
+    rc, out, _ = run_plugin(lambda: plugin, cni_env("ADD"),
+                            {**config, "ipMasq": True, "ipMasqBackend": backend})
+    assert rc == 1 and out["code"] == Code.INVALID_CONFIG and "ipMasqBackend" in out.get("details", ""), out
+    assert host.masq_setup == [] and kernel.open_handles() == []
+
+
 def test_del_with_the_netns_gone(plugin, kernel, host, config, tmp_path):
     add(plugin, config)
     kernel.remove_netns(NETNS)
@@ -491,6 +523,17 @@ def test_status(plugin, kernel, host, config):
     with pytest.raises(CNIError) as info:
         verb(plugin, "STATUS", {**conf, "ipMasq": True})
     assert info.value.code == Code.CANNOT_SERVE_ADD
+
+
+def test_status_reports_a_missing_nft_for_the_nftables_backend(plugin, host, config):
+    conf = {**config, "cniVersion": "1.1.0", "ipMasq": True, "ipMasqBackend": "nftables"}
+    host.iptables = False
+    verb(plugin, "STATUS", conf)              # iptables does not matter to this network
+    host.nft = False
+    with pytest.raises(CNIError) as info:
+        verb(plugin, "STATUS", conf)
+    assert info.value.code == Code.CANNOT_SERVE_ADD and "nft" in info.value.msg
+    assert "nftables package" in info.value.details
 
 
 def test_status_checks_the_firewall_tool_of_each_ip_version_the_ranges_name(plugin, host, config):

@@ -5,7 +5,7 @@ import ipaddress
 
 import pytest
 
-from cni_bridge import masq
+from cni_bridge.masq import iptables as masq
 from cni_bridge.plan import masq_chain_name, masq_comment
 
 
@@ -29,4 +29,4 @@ def test_gc_and_check_skip_lines_they_cannot_split(nat):
         f'-A {chain} ! -d 224.0.0.0/4 -m comment --comment "{comment}" -j MASQUERADE',
     ]
     assert masq.attachments("pods") == {chain}
-    assert masq.missing_jumps("pods", "c1", "eth0", [ipaddress.ip_address("10.22.0.2")]) == []
+    assert masq.missing("pods", "c1", "eth0", [ipaddress.ip_address("10.22.0.2")]) == []

@@ -1,4 +1,4 @@
-"""IP masquerade with iptables: one nat chain per attachment, found again by name.
+"""The iptables masquerade backend: one nat chain per attachment, found again by name.
 
 The chain name and rule comment derive from (network, container ID, ifname)
 alone, so DEL removes the rules even when the netns and its addresses are
@@ -10,12 +10,12 @@ from __future__ import annotations
 import ipaddress
 import shlex
 import shutil
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from .plan import (COMMENT_PREFIX, MASQ_CHAIN_PREFIX, MULTICAST, MasqPlan, masq_chain_name, masq_comment_network,
+from ..plan import (COMMENT_PREFIX, MASQ_CHAIN_PREFIX, MULTICAST, MasqPlan, masq_chain_name, masq_comment_network,
                    masq_comment_owner)
-from .protocol.errors import CNIError, Code
-from .protocol.result import IPAddress
+from ..protocol.errors import CNIError, Code
+from ..protocol.result import IPAddress
 
 _TOOLS = {4: "iptables", 6: "ip6tables"}
 WAIT_SECONDS = "10"
@@ -70,24 +70,28 @@ def setup(plan: MasqPlan) -> None:
         _run([_tool(family, "-restore"), "-w", WAIT_SECONDS, "--noflush"], "\n".join(lines) + "\n")
 
 
-def teardown(network: str, container_id: str, ifname: str) -> None:
-    """Remove the attachment's jump rules and chain in both families; absent is fine."""
-    remove(masq_chain_name(network, container_id, ifname))
+def teardown(network: str, container_id: str, ifname: str, sources: Sequence[IPAddress] = ()) -> bool:
+    """Remove the attachment's jump rules and chain in both families; absent is fine.
+    True if there was something to remove."""
+    return remove(network, masq_chain_name(network, container_id, ifname))
 
 
-def remove(chain: str) -> None:
+def remove(network: str, chain: str) -> bool:
     """Remove one attachment's chain (as `attachments` names it) and its jumps; absent is fine."""
+    found = False
     if not available():
-        return
+        return found
     for family in (4, 6):
         if shutil.which(_TOOLS[family]) is None:
             continue
-        _delete_jumps(family, chain)
+        found = _delete_jumps(family, chain) or found
         rules = _rules(family)
         if f"-N {chain}" in rules:
+            found = True
             tool = _tool(family)
             _run([tool, "-w", WAIT_SECONDS, "-t", "nat", "-F", chain])
             _run([tool, "-w", WAIT_SECONDS, "-t", "nat", "-X", chain])
+    return found
 
 
 def _rules(family: int, chain: str = "") -> list[str]:
@@ -104,15 +108,18 @@ def _split(line: str) -> list[str]:
         return []
 
 
-def _delete_jumps(family: int, chain: str) -> None:
+def _delete_jumps(family: int, chain: str) -> bool:
     tool = _tool(family)
+    found = False
     for line in _rules(family, "POSTROUTING"):
         args = _split(line)
         if args[:2] == ["-A", "POSTROUTING"] and args[-2:] == ["-j", chain]:
             _run([tool, "-w", WAIT_SECONDS, "-t", "nat", "-D", "POSTROUTING"] + args[2:])
+            found = True
+    return found
 
 
-def missing_jumps(network: str, container_id: str, ifname: str, sources: Iterable[IPAddress]) -> list[IPAddress]:
+def missing(network: str, container_id: str, ifname: str, sources: Iterable[IPAddress]) -> list[IPAddress]:
     """The pod addresses whose POSTROUTING jump into the attachment's chain is gone.
 
     Each IP family's table is read on its own: a dual-stack attachment whose IPv4
