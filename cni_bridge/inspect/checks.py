@@ -5,7 +5,7 @@ validation (`conflist.validate_for_add`), STATUS's tool check
 (`masq.missing_tools`), `cni-ipam check`'s leak findings (`find_problems`),
 GC's masquerade owners (`masq.attachments`). New here: forwarding and
 br_netfilter sysctls, plugins in the bin dir, veths no reservation explains,
-the pools running out, the bridge and the daemon.
+the pools running out, the bridge and the daemon, the overlay peers' kernel entries.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Iterable
 
 from .. import conflist, masq
 from ..sysctl import _FORWARDING as FORWARDING_SYSCTLS
+from . import overlay
 from .gather import NetworkFacts, Reading
-from .model import FAIL, OK, SKIP, WARN, Check, Network
+from .model import FAIL, OK, SKIP, WARN, Check, Network, Overlay
 
 # cni-ipam check's findings that cost nothing now (ADD reclaims, the next call indexes, GC sweeps).
 HARMLESS_FINDINGS = {"earlier-boot", "not-indexed", "temp-file"}
@@ -33,6 +34,7 @@ def evaluate(reading: Reading) -> list[Check]:
     checks += plugins_present(reading)
     for network, facts in reading.facts:
         checks += network_checks(network, facts)
+    checks += overlay_checks(reading.view.overlay)
     checks += daemon(reading)
     return checks
 
@@ -84,14 +86,22 @@ def br_netfilter(families: set[int]) -> list[Check]:
 
 
 def tools(masq_networks: list[tuple[Network, NetworkFacts]]) -> list[Check]:
+    """STATUS's check, once per backend the networks use (their `ipMasqBackend`)."""
     if not masq_networks:
         return [Check("masquerade tools", SKIP, "no network sets ipMasq")]
-    missing = masq.missing_tools(_families(masq_networks))
-    names = ", ".join(n.name for n, _ in masq_networks)
-    if missing:
-        return [Check("masquerade tools", FAIL, f"{', '.join(missing)} missing: ADD fails with 106 and STATUS "
-                                                f"answers 50", names)]
-    return [Check("masquerade tools", OK, "iptables tools present (backend: iptables)", names)]
+    by_backend: dict[str, list[tuple[Network, NetworkFacts]]] = {}
+    for network, facts in masq_networks:
+        by_backend.setdefault(network.masq_backend, []).append((network, facts))
+    checks = []
+    for backend, networks in sorted(by_backend.items()):
+        missing = masq.missing_tools(_families(networks), backend or None)
+        names = ", ".join(n.name for n, _ in networks)
+        if missing:
+            checks.append(Check("masquerade tools", FAIL, f"{', '.join(missing)} missing (backend: {backend}): "
+                                                          "ADD fails with 106 and STATUS answers 50", names))
+        else:
+            checks.append(Check("masquerade tools", OK, f"{backend} tools present (backend: {backend})", names))
+    return checks
 
 
 def conf_files(reading: Reading) -> list[Check]:
@@ -138,9 +148,10 @@ def network_checks(network: Network, facts: NetworkFacts) -> list[Check]:
         verdict = SKIP if network.ipam_type and network.ipam_type not in ("cni-ipam", "host-local") else FAIL
         checks.append(Check("ipam store", verdict, facts.store_error, subject))
     leaks = [_finding_check(network, f) for f in facts.findings]
-    leaks += [Check("leak:masq-rule", FAIL, f"masquerade chain {chain} belongs to no attachment that holds a "
-                                             "reservation (GC removes it)", f"{subject} {chain}")
-              for chain in facts.masq_orphans]
+    leaks += [Check("leak:masq-rule", FAIL, f"{_masq_rules(facts.masq_orphan_backends.get(key, ''), key)} "
+                                             "belong to no attachment that holds a reservation (GC removes them)",
+                    f"{subject} {key}")
+              for key in facts.masq_orphans]
     leaks += [Check("leak:stray-veth", FAIL, f"host veth on {bridge.name} that no reservation names "
                                              "(a DEL that never came, or made by hand)", f"{subject} {name}")
               for name in network.stray_veths]
@@ -149,6 +160,12 @@ def network_checks(network: Network, facts: NetworkFacts) -> list[Check]:
     if not leaks and not facts.store_error:
         leaks.append(Check("leaks", OK, f"{len(network.attachments)} attachments, none leaked", subject))
     return checks + leaks
+
+
+def _masq_rules(backend: str, key: str) -> str:
+    if backend == "nftables":
+        return f"nftables set elements commented {key}"
+    return f"the iptables masquerade chain {key} and its jump"
 
 
 def _finding_check(network: Network, finding) -> Check:
@@ -173,6 +190,35 @@ def pool_checks(network: Network) -> list[Check]:
             checks.append(Check("ipam pool", WARN, detail + ": running out", network.name))
         else:
             checks.append(Check("ipam pool", OK, detail, network.name))
+    return checks
+
+
+def overlay_checks(view: Overlay) -> list[Check]:
+    """One line per peer pod CIDR: a VXLAN peer needs its route, neighbour and FDB entry.
+
+    A missing part warns: the agent writes it again at its next pass; until then the
+    peer's pods are unreachable from here."""
+    checks = []
+    device = view.device
+    if device is not None:
+        detail = f"VNI {device.vni}, UDP {device.port}, local {device.local or '-'}, mtu {device.mtu}"
+        if not device.up:
+            checks.append(Check("vxlan device", WARN if view.peers else OK, f"{detail}, DOWN", device.name))
+        elif device.learning:
+            checks.append(Check("vxlan device", WARN, f"{detail}: learning is on (the agent makes it without)",
+                                device.name))
+        else:
+            checks.append(Check("vxlan device", OK, f"{detail}, up", device.name))
+    for peer in view.peers:
+        subject = peer.pod_cidr or f"{peer.via or peer.vtep_mac} (no route)"
+        how = f"via {peer.via}" if peer.way == overlay.ROUTE else \
+            f"VXLAN to {peer.underlay or '?'} (VTEP {peer.vtep_mac or '?'})"
+        if peer.complete:
+            checks.append(Check("overlay peer", OK, f"{how}: complete", subject))
+        else:
+            checks.append(Check("overlay peer", WARN, f"{how}: incomplete, no {', no '.join(overlay.missing_parts(peer))}"
+                                                      ": its pods are unreachable until the agent's next pass",
+                                subject))
     return checks
 
 

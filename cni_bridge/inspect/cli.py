@@ -18,8 +18,9 @@ EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 DESCRIPTION = """\
 Show this node's CNI state: the conflists of the conf dir, every cni-bridge network with its
-bridge, pools and attachments (container, pod, IPs, netns, host veth, MAC, masquerade), routes
-to other nodes, the node daemon, and checks with a verdict each (forwarding, br_netfilter,
+bridge, pools and attachments (container, pod, IPs, netns, host veth, MAC, masquerade and the
+backend holding it: iptables or nftables), the node agent's peers (direct routes, or VXLAN with
+the device and each peer's FDB, neighbour and route entries), the node daemon, and checks with a verdict each (forwarding, br_netfilter,
 tools, conflists validated as ADD does, plugins in the bin dir, the leaks `cni-ipam check`
 finds plus veths and masquerade rules no reservation explains). Reads only; changes nothing.
 """
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="libcni's cache, for pod names from CNI_ARGS (%(default)s)")
     parser.add_argument("--daemon-socket", help="the node daemon's socket (default: the conflists' "
                                                 "daemonSocket, else /run/cni-bridge/daemon.sock)")
+    parser.add_argument("--vxlan-name", default=gather.Options.vxlan_name,
+                        help="the agent's VXLAN device, when no route uses it yet (%(default)s)")
     parser.add_argument("--strict", action="store_true", help="exit 1 on warnings too")
     return parser
 
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     args = build_parser().parse_args(argv)
     options = gather.Options(conf_dir=args.conf_dir, bin_dir=args.bin_dir, cache_dir=args.cache_dir,
-                             daemon_socket=args.daemon_socket)
+                             daemon_socket=args.daemon_socket, vxlan_name=args.vxlan_name)
     try:
         view = inspect_node(options)
     except Exception as exc:   # one line, never a traceback

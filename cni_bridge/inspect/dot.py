@@ -1,4 +1,7 @@
-"""The node as a Graphviz graph: uplink and peers, each bridge with its veths and pods.
+"""The node as a Graphviz graph: uplink, VXLAN device and peers, each bridge with its veths and pods.
+
+A peer reached by a route hangs off the uplink (dashed edge, "route"); one behind
+VXLAN hangs off the VXLAN device (bold edge, "tunnel", its underlay address).
 
 Leaked or broken parts are drawn red, so a picture shows them too.
 """
@@ -6,7 +9,8 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from .model import Network, NodeView
+from . import overlay
+from .model import Network, NodeView, OverlayPeer
 
 BAD = 'color="#c0392b", fontcolor="#c0392b"'
 
@@ -23,12 +27,38 @@ def render(view: NodeView, out: TextIO) -> None:
     out.write('  edge [arrowhead=none, fontname="Helvetica", fontsize=9];\n')
     uplink = "uplink"
     out.write(f"  {uplink} [label={_q('uplink ' + (view.uplink or '(no default route)'))}, shape=cds];\n")
-    for index, peer in enumerate(view.peers):
-        out.write(f"  peer{index} [label={_q(f'{peer.dst}' + chr(10) + f'via {peer.via}')}, shape=ellipse];\n")
-        out.write(f"  {uplink} -> peer{index} [style=dashed];\n")
+    tunnel = _vxlan(view, uplink, out)
+    for index, peer in enumerate(view.overlay.peers):
+        _peer(f"peer{index}", peer, uplink, tunnel, out)
     for index, network in enumerate(view.networks):
         _network(index, network, uplink, out)
     out.write("}\n")
+
+
+def _vxlan(view: NodeView, uplink: str, out: TextIO) -> str:
+    """The VXLAN device, over the uplink; its node name ("" when there is none)."""
+    device = view.overlay.device
+    if device is None:
+        return ""
+    label = f"vxlan {device.name}\nVNI {device.vni}, UDP {device.port}\nlocal {device.local}"
+    out.write(f"  vxlan [label={_q(label)}, shape=hexagon{'' if device.up else ', ' + BAD}];\n")
+    out.write(f"  {uplink} -> vxlan [style=dotted];\n")
+    return "vxlan"
+
+
+def _peer(name: str, peer: OverlayPeer, uplink: str, tunnel: str, out: TextIO) -> None:
+    lines = [peer.pod_cidr or "(no route)"]
+    if peer.way == overlay.ROUTE:
+        lines.append(f"via {peer.via}")
+    else:
+        lines += [f"VTEP {peer.vtep_mac or '?'}", f"underlay {peer.underlay or '?'}"]
+    if not peer.complete:
+        lines.append("no " + ", no ".join(overlay.missing_parts(peer)))
+    out.write(f"  {name} [label={_q(chr(10).join(lines))}, shape=ellipse{'' if peer.complete else ', ' + BAD}];\n")
+    if peer.way == overlay.VXLAN and tunnel:
+        out.write(f"  {tunnel} -> {name} [style=bold, label=\"tunnel\"];\n")
+    else:
+        out.write(f"  {uplink} -> {name} [style=dashed, label=\"route\"];\n")
 
 
 def _network(index: int, network: Network, uplink: str, out: TextIO) -> None:
@@ -58,5 +88,6 @@ def _network(index: int, network: Network, uplink: str, out: TextIO) -> None:
         out.write(f"    s{index}_{n} [label={_q(name + chr(10) + 'no reservation')}, shape=cds, {BAD}];\n")
         out.write(f"    {bridge} -> s{index}_{n};\n")
     out.write("  }\n")
-    how = ("routed" if network.is_gateway else "L2 only") + (", masquerade" if network.ip_masq else "")
+    how = ("routed" if network.is_gateway else "L2 only") + \
+        (f", masquerade ({network.masq_backend})" if network.ip_masq else "")
     out.write(f"  {uplink} -> {bridge} [label={_q(how)}];\n")

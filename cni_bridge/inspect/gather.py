@@ -1,6 +1,7 @@
-"""Read the node as it is: conflists, bridges, reservations, veths, masquerade rules, routes, daemon.
+"""Read the node as it is: conflists, bridges, reservations, veths, masquerade rules, routes,
+the agent's VXLAN device and entries, daemon.
 
-Reads only: netlink dumps and GETs, files, `iptables -S`, and a status
+Reads only: netlink dumps and GETs, files, `iptables -S`, `nft -j list`, and a status
 request to the daemon. Nothing here takes the IPAM store lock or writes.
 Besides the view, it keeps what the checks need (`NetworkFacts`): the leak
 findings of `cni-ipam check` (its own code), the masquerade rules' owners,
@@ -23,11 +24,12 @@ from .. import conflist, masq
 from ..conflist import PLUGIN_TYPE, ConfFile, PluginConf
 from ..plan import configured_ip_versions, host_veth_name, masq_chain_name
 from ..protocol.errors import CNIError
-from . import daemon_probe, pools
-from .model import Attachment, Bridge, ConfFileView, Network, NodeView, PeerRoute, Port
+from . import daemon_probe, overlay, pools
+from .model import Attachment, Bridge, ConfFileView, Network, NodeView, Overlay, PeerRoute, Port, VxlanDevice
 
 DEFAULT_CACHE_DIR = "/var/lib/cni"       # libcni's result cache: <dir>/results/<net>-<cid>-<ifname>
 AGENT_ROUTE_PROTO = 157                  # cni_bridge.agent.desired.ROUTE_PROTO (not imported: it is the agent's)
+DEFAULT_VXLAN = "cni-vxlan"              # cni_bridge.agent.overlay.VxlanOptions.name, the agent's default
 
 
 @dataclass
@@ -36,6 +38,7 @@ class Options:
     bin_dir: str = "/opt/cni/bin"
     cache_dir: str = DEFAULT_CACHE_DIR
     daemon_socket: Optional[str] = None  # None: the conflists' daemonSocket, else the default path
+    vxlan_name: str = DEFAULT_VXLAN      # the agent's --vxlan-name (a VXLAN device its routes use is found anyway)
 
 
 @dataclass
@@ -46,7 +49,8 @@ class NetworkFacts:
     store_error: str = ""
     findings: list[Finding] = field(default_factory=list)      # cni-ipam check's, for this network
     masq_error: str = ""
-    masq_orphans: list[str] = field(default_factory=list)   # chains of rules whose attachment is gone
+    masq_orphans: list[str] = field(default_factory=list)   # keys of rules whose attachment is gone
+    masq_orphan_backends: dict[str, str] = field(default_factory=dict)   # key -> backend holding it
 
 
 @dataclass
@@ -73,7 +77,11 @@ def read_node(options: Options, netlink_factory: Any = None) -> Reading:
             view.networks.append(network)
             facts.append((network, fact))
         _find_stray_veths(view.networks, links)
-        view.uplink, view.peers = _routes(host, {link.index: link.name for link in links})
+        names = {link.index: link.name for link in links}
+        routes = _node_routes(host)
+        view.uplink, view.peers = _routes(routes, names)
+        view.overlay = _overlay(host, links, [r for r in routes if r.proto == AGENT_ROUTE_PROTO], names,
+                                options.vxlan_name)
     finally:
         host.close()
     view.cluster_masquerade = _agent_masquerade()
@@ -82,9 +90,10 @@ def read_node(options: Options, netlink_factory: Any = None) -> Reading:
 
 
 def _netlink(netns: Optional[str]) -> Any:
-    from ..netlink import Netlink
+    # The agent's extension of the adapter: it also reads the VXLAN device, FDB and neighbours.
+    from ..agent.overlay_netlink import OverlayNetlink
 
-    return Netlink(netns)
+    return OverlayNetlink(netns)
 
 
 def _file_view(conf_file: ConfFile) -> ConfFileView:
@@ -116,6 +125,8 @@ def _read_network(conf_file: ConfFile, plugin: PluginConf, host: Any, by_name: d
         ipam_type=plugin.ipam_type, data_dir=_text(ipam.get("dataDir"), DEFAULT_DATA_DIR),
         is_gateway=config.get("isGateway") is True or config.get("isDefaultGateway") is True,
         ip_masq=config.get("ipMasq") is True)
+    if network.ip_masq:
+        network.masq_backend = masq.backend_name(_text(config.get("ipMasqBackend"), "") or None)
     if plugin.ipam_type not in pools.STORE_TYPES:
         facts.store_error = f"IPAM type {plugin.ipam_type!r} keeps no store inspect can read"
         return network, facts
@@ -128,27 +139,29 @@ def _read_network(conf_file: ConfFile, plugin: PluginConf, host: Any, by_name: d
     conf = pools.ipam_conf(plugin)
     if conf is not None:
         network.pools = pools.pools(network.name, conf, [e.reservation for e in state.entries], boot_id)
-    masq_chains: Optional[set[str]] = None
+    masq_keys: Optional[dict[str, str]] = None
     if network.ip_masq:
         try:
-            masq_chains = _masq_chains(network.name)
+            masq_keys = _masq_keys(network.name)
         except CNIError as err:
             facts.masq_error = err.msg
-    network.attachments = _attachments(network, state, by_name, cache, boot_id, masq_chains)
-    if masq_chains is not None:
+    network.attachments = _attachments(network, state, by_name, cache, boot_id, masq_keys)
+    if masq_keys is not None:
         held = {masq_chain_name(network.name, a.container_id, a.ifname) for a in network.attachments}
-        facts.masq_orphans = sorted(masq_chains - held)
+        facts.masq_orphans = sorted(set(masq_keys) - held)
+        facts.masq_orphan_backends = {key: masq_keys[key] for key in facts.masq_orphans}
     return network, facts
 
 
-def _masq_chains(network: str) -> set[str]:
-    """The chains of the network's masquerade rules, found as GC finds them (`masq.attachments`).
-
-    It gives (container ID, ifname) pairs, or chain names in releases whose rule comments
-    may be cut short; a chain name (a digest of network, container and ifname) serves both.
-    """
-    return {item if isinstance(item, str) else masq_chain_name(network, *item)
-            for item in masq.attachments(network)}
+def _masq_keys(network: str) -> dict[str, str]:
+    """{attachment key (plan.masq_chain_name): backend} of the network's masquerade rules, read by
+    the backends' own readers as GC reads them (`masq.attachments` is their union): iptables
+    chains and nftables set elements alike."""
+    found: dict[str, str] = {}
+    for backend, keys in masq.attachments_by_backend(network).items():
+        for key in keys:
+            found.setdefault(key, backend)
+    return found
 
 
 def _text(value: Any, default: str) -> str:
@@ -174,7 +187,7 @@ def _address_order(text: str) -> tuple:
 
 
 def _attachments(network: Network, state: NetworkState, by_name: dict, cache: dict, boot_id: str,
-                 masq_chains: Optional[set[str]]) -> list[Attachment]:
+                 masq_keys: Optional[dict[str, str]]) -> list[Attachment]:
     grouped: dict[tuple[str, str], Attachment] = {}
     for entry in state.entries:
         r = entry.reservation
@@ -185,12 +198,13 @@ def _attachments(network: Network, state: NetworkState, by_name: dict, cache: di
             veth = host_veth_name(r.container_id, r.ifname)
             link = by_name.get(veth)
             pod = cache.get((network.name, r.container_id, r.ifname), {})
+            backend = (masq_keys or {}).get(masq_chain_name(network.name, *r.owner), "")
             found = grouped[r.owner] = Attachment(
                 container_id=r.container_id, ifname=r.ifname, ips=[], netns=r.netns,
                 netns_exists=os.path.exists(r.netns) if r.netns else None,
                 host_veth=veth, host_veth_exists=link is not None, host_veth_mac=link.mac if link else "",
                 pod_name=pod.get("K8S_POD_NAME", ""), pod_namespace=pod.get("K8S_POD_NAMESPACE", ""),
-                masquerade=None if masq_chains is None else masq_chain_name(network.name, *r.owner) in masq_chains,
+                masquerade=None if masq_keys is None else bool(backend), masq_backend=backend,
                 boot=entry.boot(boot_id))
         found.ips.append(str(r.ip))
         if not found.netns and r.netns:
@@ -220,20 +234,45 @@ def _find_stray_veths(networks: list[Network], links: list) -> None:
                                          if p.kind == "veth" and p.name not in expected[network.bridge.name])
 
 
-def _routes(host: Any, names: dict[int, str]) -> tuple[str, list[PeerRoute]]:
-    uplink, peers = "", []
+def _node_routes(host: Any) -> list:
+    routes = []
     for family in (4, 6):
         try:
-            routes = host.routes(family)
+            routes += host.routes(family)
         except Exception:   # IPv6 disabled
             continue
-        for route in routes:
-            if route.dst.prefixlen == 0 and not uplink:
-                uplink = names.get(route.oif, "")
-            elif route.proto == AGENT_ROUTE_PROTO:
-                peers.append(PeerRoute(dst=str(route.dst), via=str(route.gw or ""),
-                                       device=names.get(route.oif, ""), source="agent"))
+    return routes
+
+
+def _routes(routes: list, names: dict[int, str]) -> tuple[str, list[PeerRoute]]:
+    uplink, peers = "", []
+    for route in routes:
+        if route.dst.prefixlen == 0 and not uplink:
+            uplink = names.get(route.oif, "")
+        elif route.proto == AGENT_ROUTE_PROTO:
+            peers.append(PeerRoute(dst=str(route.dst), via=str(route.gw or ""),
+                                   device=names.get(route.oif, ""), source="agent"))
     return uplink, peers
+
+
+def _overlay(host: Any, links: list, agent_routes: list, names: dict[int, str], vxlan_name: str) -> Overlay:
+    """The agent's VXLAN device (the one its routes use, else the one of `vxlan_name`) and the peers."""
+    link = _vxlan_link(links, agent_routes, vxlan_name)
+    if link is None:
+        return Overlay(peers=overlay.peers(agent_routes, names))
+    state = host.vxlan_state(link.name)
+    if state is None or state.kind != "vxlan":   # gone while we looked
+        return Overlay(peers=overlay.peers(agent_routes, names))
+    device = VxlanDevice(link.name, state.vni or 0, state.port or 0, str(state.local or ""), state.mac,
+                         state.mtu, state.up, state.learning)
+    return Overlay(device, overlay.peers(agent_routes, names, state.index, host.fdb_entries(state.index),
+                                         host.neighbours(state.index)))
+
+
+def _vxlan_link(links: list, agent_routes: list, vxlan_name: str) -> Any:
+    used = {route.oif for route in agent_routes}
+    candidates = [l for l in links if l.kind == "vxlan" and (l.index in used or l.name == vxlan_name)]
+    return min(candidates, key=lambda l: l.index not in used, default=None)
 
 
 def _agent_masquerade() -> list[str]:

@@ -75,6 +75,7 @@ class Attachment:
     pod_name: str = ""                  # from the runtime's CNI_ARGS (libcni result cache)
     pod_namespace: str = ""
     masquerade: Optional[bool] = None   # None: ipMasq is off for this network
+    masq_backend: str = ""              # the backend holding its rules: iptables, nftables ("": none)
     boot: str = "current"               # current, earlier, unknown (host-local record)
 
 
@@ -89,6 +90,7 @@ class Network:
     data_dir: str
     is_gateway: bool
     ip_masq: bool
+    masq_backend: str = ""              # the backend ADD uses (ipMasqBackend or the default); "" without ipMasq
     pools: list[Pool] = field(default_factory=list)
     attachments: list[Attachment] = field(default_factory=list)
     stray_veths: list[str] = field(default_factory=list)   # bridge ports no reservation explains
@@ -113,6 +115,40 @@ class PeerRoute:
 
 
 @dataclass
+class VxlanDevice:
+    """The node agent's VXLAN device as the kernel holds it."""
+    name: str
+    vni: int = 0
+    port: int = 0
+    local: str = ""
+    mac: str = ""
+    mtu: int = 0
+    up: bool = False
+    learning: bool = False
+
+
+@dataclass
+class OverlayPeer:
+    """How this node reaches one peer pod CIDR: a direct route, or VXLAN with its three kernel entries."""
+    pod_cidr: str            # "" for VXLAN entries no agent route uses (a peer's route went away)
+    way: str                 # "route" (via the peer's InternalIP) or "vxlan"
+    via: str                 # route: the InternalIP; vxlan: the VTEP address (the podCIDR's network address)
+    device: str
+    vtep_mac: str = ""       # vxlan: from the neighbour entry of `via`
+    underlay: str = ""       # vxlan: the remote InternalIP, from the FDB entry of the MAC
+    route: bool = True
+    neighbour: Optional[bool] = None   # None: not needed (a direct route)
+    fdb: Optional[bool] = None
+    complete: bool = True
+
+
+@dataclass
+class Overlay:
+    device: Optional[VxlanDevice] = None      # None: no VXLAN device (the routes backend, or no agent)
+    peers: list[OverlayPeer] = field(default_factory=list)
+
+
+@dataclass
 class Daemon:
     socket: str
     exists: bool = False
@@ -134,6 +170,7 @@ class NodeView:
     networks: list[Network] = field(default_factory=list)
     uplink: str = ""                                        # the default route's device
     peers: list[PeerRoute] = field(default_factory=list)
+    overlay: Overlay = field(default_factory=Overlay)
     cluster_masquerade: list[str] = field(default_factory=list)   # families with the agent's chain
     daemon: Optional[Daemon] = None
     checks: list[Check] = field(default_factory=list)
@@ -160,4 +197,7 @@ def _camel(value: Any) -> Any:
 
 def _camel_key(key: str) -> str:
     head, *rest = key.split("_")
-    return head + "".join("ID" if part == "id" else part.capitalize() for part in rest)
+    return head + "".join(_ACRONYMS.get(part, part.capitalize()) for part in rest)
+
+
+_ACRONYMS = {"id": "ID", "cidr": "CIDR"}

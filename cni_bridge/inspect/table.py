@@ -5,7 +5,8 @@ from typing import TextIO
 
 from ipam.cli import format_age, table
 
-from .model import FAIL, WARN, Attachment, Network, NodeView
+from . import overlay
+from .model import FAIL, WARN, Attachment, Network, NodeView, OverlayPeer
 
 MARK = {"ok": "ok", "warn": "WARN", "fail": "FAIL", "skip": "-"}
 
@@ -37,7 +38,8 @@ def _network(network: Network, out: TextIO) -> None:
     else:
         out.write(f"  bridge  {b.name} (does not exist)\n")
     masq = "off" if not network.ip_masq else \
-        f"on, {sum(1 for a in network.attachments if a.masquerade)} of {len(network.attachments)} with rules"
+        f"on ({network.masq_backend}), {sum(1 for a in network.attachments if a.masquerade)} of " \
+        f"{len(network.attachments)} with rules"
     out.write(f"  ipam    {network.ipam_type} {network.data_dir}   gateway {'yes' if network.is_gateway else 'no'}"
               f"   masquerade {masq}\n")
     for pool in network.pools:
@@ -54,10 +56,14 @@ def _network(network: Network, out: TextIO) -> None:
 
 
 def _node(view: NodeView, out: TextIO) -> None:
-    if view.peers:
-        out.write("PEERS\n")
-        table([["  DESTINATION", "VIA", "DEVICE", "FROM"]]
-              + [["  " + p.dst, p.via or "-", p.device or "-", p.source] for p in view.peers], out)
+    device = view.overlay.device
+    if device is not None:
+        out.write(f"VXLAN   {device.name} {'up' if device.up else 'DOWN'}  VNI {device.vni}  UDP {device.port}  "
+                  f"local {device.local or '-'}  mtu {device.mtu}  {device.mac}\n")
+    if view.overlay.peers:
+        out.write("PEERS (node agent)\n")
+        table([["  POD CIDR", "WAY", "VIA", "DEVICE", "VTEP MAC", "UNDERLAY", "STATE"]]
+              + [_peer_row(p) for p in view.overlay.peers], out)
     out.write(f"cluster masquerade (agent): {', '.join(view.cluster_masquerade) or 'none'}\n")
     d = view.daemon
     if d is None:
@@ -70,6 +76,12 @@ def _node(view: NodeView, out: TextIO) -> None:
         out.write(f"DAEMON  {d.socket}  NOT reachable: {d.error}\n")
     else:
         out.write(f"DAEMON  none at {d.socket} (calls run in-process)\n")
+
+
+def _peer_row(p: OverlayPeer) -> list[str]:
+    state = "complete" if p.complete else "INCOMPLETE: no " + ", no ".join(overlay.missing_parts(p))
+    return ["  " + (p.pod_cidr or "-"), p.way, p.via or "-", p.device or "-", p.vtep_mac or "-",
+            p.underlay or "-", state]
 
 
 def _short(cid: str) -> str:
@@ -87,4 +99,4 @@ def _netns(a: Attachment) -> str:
 
 
 def _masq(a: Attachment) -> str:
-    return "-" if a.masquerade is None else ("yes" if a.masquerade else "MISSING")
+    return "-" if a.masquerade is None else (f"yes ({a.masq_backend})" if a.masquerade else "MISSING")

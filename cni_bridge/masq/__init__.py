@@ -64,9 +64,14 @@ def teardown(network: str, container_id: str, ifname: str, backend: Optional[str
 def attachments(network: str) -> set[str]:
     """Keys (plan.masq_chain_name) of every attachment with rules of this network, in any backend."""
     found: set[str] = set()
-    for module in BACKENDS.values():
-        found |= module.attachments(network)
+    for keys in attachments_by_backend(network).values():
+        found |= keys
     return found
+
+
+def attachments_by_backend(network: str) -> dict[str, set[str]]:
+    """`attachments`, per backend name: which backend holds each attachment's rules (inspect shows it)."""
+    return {name: module.attachments(network) for name, module in BACKENDS.items()}
 
 
 def remove(network: str, key: str) -> None:

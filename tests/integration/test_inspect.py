@@ -26,14 +26,18 @@ SUBNET = "10.93.0.0/24"
 POOL_SIZE = 253          # .1 is the gateway, .255 the broadcast address
 
 TOP_KEYS = {"schemaVersion", "hostname", "confDir", "binDir", "files", "networks", "uplink", "peers",
-            "clusterMasquerade", "daemon", "checks", "summary"}
+            "overlay", "clusterMasquerade", "daemon", "checks", "summary"}
 NETWORK_KEYS = {"name", "file", "cniVersion", "plugins", "bridge", "ipamType", "dataDir", "isGateway",
-                "ipMasq", "pools", "attachments", "strayVeths"}
+                "ipMasq", "masqBackend", "pools", "attachments", "strayVeths"}
 BRIDGE_KEYS = {"name", "exists", "up", "mtu", "mac", "addresses", "ports"}
 ATTACHMENT_KEYS = {"containerID", "ifname", "ips", "netns", "netnsExists", "hostVeth", "hostVethExists",
-                   "hostVethMac", "mac", "podName", "podNamespace", "masquerade", "boot"}
+                   "hostVethMac", "mac", "podName", "podNamespace", "masquerade", "masqBackend", "boot"}
 POOL_KEYS = {"network", "setIndex", "subnet", "rangeStart", "rangeEnd", "gateway", "size", "used",
              "reclaimable", "free"}
+OVERLAY_KEYS = {"device", "peers"}
+VXLAN_KEYS = {"name", "vni", "port", "local", "mac", "mtu", "up", "learning"}
+OVERLAY_PEER_KEYS = {"podCIDR", "way", "via", "device", "vtepMac", "underlay", "route", "neighbour", "fdb",
+                     "complete"}
 CHECK_KEYS = {"name", "verdict", "detail", "subject"}
 FILE_KEYS = {"path", "network", "cniVersion", "plugins", "valid", "error"}
 PORT_KEYS = {"name", "kind", "mac", "up"}
@@ -146,6 +150,7 @@ def test_json_schema_is_stable(node, make_netns):
     assert all(set(c) == CHECK_KEYS for c in view["checks"]) and set(view["daemon"]) == DAEMON_KEYS
     assert set(view["files"][0]) == FILE_KEYS and set(network["bridge"]["ports"][0]) == PORT_KEYS
     assert set(view["summary"]) == {"ok", "warn", "fail", "skip"}
+    assert view["overlay"] == {"device": None, "peers": []}     # no agent on this node
     assert {c["verdict"] for c in view["checks"]} <= {"ok", "warn", "fail", "skip"}
 
 
@@ -340,6 +345,11 @@ def test_a_node_the_agent_set_up(make_netns, tmp_path):
     assert proc.returncode == 0, checks(view, "fail")
     assert view["uplink"] == "eth0" and view["clusterMasquerade"] == ["IPv4"]
     assert view["peers"] == [{"dst": "10.244.2.0/24", "via": "10.251.0.2", "device": "eth0", "source": "agent"}]
+    assert set(view["overlay"]) == OVERLAY_KEYS and set(view["overlay"]["device"]) == VXLAN_KEYS
+    (peer,) = view["overlay"]["peers"]     # auto: the peer shares the subnet, a direct route
+    assert set(peer) == OVERLAY_PEER_KEYS
+    assert (peer["podCIDR"], peer["way"], peer["via"], peer["complete"]) == ("10.244.2.0/24", "route", "10.251.0.2",
+                                                                            True)
     (network,) = view["networks"]
     assert network["bridge"]["name"] == bridge and [a["containerID"] for a in network["attachments"]] == ["p1"]
     assert network["pools"][0]["subnet"] == "10.244.1.0/24" and network["pools"][0]["used"] == 1
