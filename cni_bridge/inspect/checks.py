@@ -155,6 +155,10 @@ def network_checks(network: Network, facts: NetworkFacts) -> list[Check]:
     leaks += [Check("leak:stray-veth", FAIL, f"host veth on {bridge.name} that no reservation names "
                                              "(a DEL that never came, or made by hand)", f"{subject} {name}")
               for name in network.stray_veths]
+    if facts.nft_rules_missing:
+        checks.append(Check("masquerade rule", FAIL, "the nftables chain of this network lacks its masquerade "
+                                                     "rules: its pods' traffic leaves unmasqueraded (the next ADD "
+                                                     "writes them again)", subject))
     if facts.masq_error:
         leaks.append(Check("leak:masq-rule", FAIL, f"cannot read the masquerade rules: {facts.masq_error}", subject))
     if not leaks and not facts.store_error:
@@ -216,9 +220,9 @@ def overlay_checks(view: Overlay) -> list[Check]:
         if peer.complete:
             checks.append(Check("overlay peer", OK, f"{how}: complete", subject))
         else:
-            checks.append(Check("overlay peer", WARN, f"{how}: incomplete, no {', no '.join(overlay.missing_parts(peer))}"
-                                                      ": its pods are unreachable until the agent's next pass",
-                                subject))
+            lacking = ", no ".join(overlay.missing_parts(peer))
+            checks.append(Check("overlay peer", WARN, f"{how}: incomplete, no {lacking}: its pods are unreachable "
+                                                      "until the agent's next pass", subject))
     return checks
 
 

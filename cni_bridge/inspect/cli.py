@@ -20,9 +20,10 @@ DESCRIPTION = """\
 Show this node's CNI state: the conflists of the conf dir, every cni-bridge network with its
 bridge, pools and attachments (container, pod, IPs, netns, host veth, MAC, masquerade and the
 backend holding it: iptables or nftables), the node agent's peers (direct routes, or VXLAN with
-the device and each peer's FDB, neighbour and route entries), the node daemon, and checks with a verdict each (forwarding, br_netfilter,
-tools, conflists validated as ADD does, plugins in the bin dir, the leaks `cni-ipam check`
-finds plus veths and masquerade rules no reservation explains). Reads only; changes nothing.
+the device and each peer's FDB, neighbour and route entries), the node daemon, and checks with
+a verdict each (forwarding, br_netfilter, tools, conflists validated as ADD does, plugins in the
+bin dir, the leaks `cni-ipam check` finds plus veths and masquerade rules or nftables elements
+no reservation explains, overlay peers missing an entry). Reads only; changes nothing.
 """
 
 

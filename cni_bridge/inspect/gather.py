@@ -51,6 +51,7 @@ class NetworkFacts:
     masq_error: str = ""
     masq_orphans: list[str] = field(default_factory=list)   # keys of rules whose attachment is gone
     masq_orphan_backends: dict[str, str] = field(default_factory=dict)   # key -> backend holding it
+    nft_rules_missing: bool = False      # nftables holds elements of the network but its chain no rules
 
 
 @dataclass
@@ -143,9 +144,11 @@ def _read_network(conf_file: ConfFile, plugin: PluginConf, host: Any, by_name: d
     if network.ip_masq:
         try:
             masq_keys = _masq_keys(network.name)
+            facts.nft_rules_missing = _nft_rules_missing(network.name, masq_keys)
         except CNIError as err:
             facts.masq_error = err.msg
-    network.attachments = _attachments(network, state, by_name, cache, boot_id, masq_keys)
+    network.attachments = _attachments(network, state, by_name, cache, boot_id, masq_keys,
+                                       {"nftables"} if facts.nft_rules_missing else set())
     if masq_keys is not None:
         held = {masq_chain_name(network.name, a.container_id, a.ifname) for a in network.attachments}
         facts.masq_orphans = sorted(set(masq_keys) - held)
@@ -162,6 +165,11 @@ def _masq_keys(network: str) -> dict[str, str]:
         for key in keys:
             found.setdefault(key, backend)
     return found
+
+
+def _nft_rules_missing(network: str, masq_keys: dict[str, str]) -> bool:
+    """nftables holds the network's pod addresses but its chain lacks the masquerade rules."""
+    return "nftables" in masq_keys.values() and not masq.nftables.masquerading(network)
 
 
 def _text(value: Any, default: str) -> str:
@@ -187,7 +195,8 @@ def _address_order(text: str) -> tuple:
 
 
 def _attachments(network: Network, state: NetworkState, by_name: dict, cache: dict, boot_id: str,
-                 masq_keys: Optional[dict[str, str]]) -> list[Attachment]:
+                 masq_keys: Optional[dict[str, str]], inert: set[str]) -> list[Attachment]:
+    """`inert`: backends whose rules masquerade nothing now (an nftables chain without its rules)."""
     grouped: dict[tuple[str, str], Attachment] = {}
     for entry in state.entries:
         r = entry.reservation
@@ -204,7 +213,8 @@ def _attachments(network: Network, state: NetworkState, by_name: dict, cache: di
                 netns_exists=os.path.exists(r.netns) if r.netns else None,
                 host_veth=veth, host_veth_exists=link is not None, host_veth_mac=link.mac if link else "",
                 pod_name=pod.get("K8S_POD_NAME", ""), pod_namespace=pod.get("K8S_POD_NAMESPACE", ""),
-                masquerade=None if masq_keys is None else bool(backend), masq_backend=backend,
+                masquerade=None if masq_keys is None else bool(backend) and backend not in inert,
+                masq_backend=backend,
                 boot=entry.boot(boot_id))
         found.ips.append(str(r.ip))
         if not found.netns and r.netns:

@@ -38,7 +38,7 @@ def _network(network: Network, out: TextIO) -> None:
     else:
         out.write(f"  bridge  {b.name} (does not exist)\n")
     masq = "off" if not network.ip_masq else \
-        f"on ({network.masq_backend}), {sum(1 for a in network.attachments if a.masquerade)} of " \
+        f"on{_paren(network.masq_backend)}, {sum(1 for a in network.attachments if a.masquerade)} of " \
         f"{len(network.attachments)} with rules"
     out.write(f"  ipam    {network.ipam_type} {network.data_dir}   gateway {'yes' if network.is_gateway else 'no'}"
               f"   masquerade {masq}\n")
@@ -99,4 +99,8 @@ def _netns(a: Attachment) -> str:
 
 
 def _masq(a: Attachment) -> str:
-    return "-" if a.masquerade is None else (f"yes ({a.masq_backend})" if a.masquerade else "MISSING")
+    return "-" if a.masquerade is None else ("yes" + _paren(a.masq_backend) if a.masquerade else "MISSING")
+
+
+def _paren(text: str) -> str:
+    return f" ({text})" if text else ""

@@ -251,8 +251,13 @@ def missing(network: str, container_id: str, ifname: str, sources: Iterable[IPAd
     if not available():
         return sources
     held = {(ipaddress.ip_address(address), owner) for _, address, owner in _members(network)}
-    chain = _listed(("chain", chain_name(network)))
-    rules = sum(1 for obj in chain or [] if "rule" in obj)
-    if rules < 2:
+    if not masquerading(network):
         return sources
     return [ip for ip in sources if (ip, key) not in held]
+
+
+def masquerading(network: str) -> bool:
+    """Whether the network's chain holds its masquerade rules (one per family): without
+    them the set elements masquerade nothing."""
+    chain = _listed(("chain", chain_name(network)))
+    return sum(1 for obj in chain or [] if "rule" in obj) >= 2

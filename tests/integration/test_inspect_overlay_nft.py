@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from cni_bridge.masq.nftables import pods_set
+from cni_bridge.masq.nftables import chain_name, pods_set
 from cni_bridge.plan import masq_chain_name
 from tests.integration.test_inspect import NET, Node as InspectNode, checks
 from tests.integration.test_overlay import SUBNETS, VXLAN, Cluster, Node, _converge
@@ -138,3 +138,9 @@ def test_nftables_masquerade_is_shown_and_its_leaks_found(nft_node, cni_host, ma
     assert {subject for subject, _ in leaks} == {f"{NET} {masq_chain_name(NET, 'norsv', 'eth0')}", f"{NET} stray"}
     assert all("nftables set elements" in detail for _, detail in leaks)
     assert [a["containerID"] for a in view["networks"][0]["attachments"]] == ["keep"]
+
+    # The chain without its masquerade rules: the elements masquerade nothing.
+    cni_host.netns.exec("nft", f"flush chain inet cni_bridge {chain_name(NET)}")
+    rc, view = nft_node.view()
+    assert rc == 1 and ("masquerade rule", NET) in checks(view, "fail")
+    assert [(a["containerID"], a["masquerade"]) for a in view["networks"][0]["attachments"]] == [("keep", False)]

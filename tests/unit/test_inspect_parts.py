@@ -258,3 +258,126 @@ def test_reading_a_node_on_the_fake_kernel(tmp_path):
     assert {(f.kind, f.container_id) for f in facts.findings} >= {("netns-gone", "web"), ("netns-gone", "gone")}
     assert reading.view.daemon is not None and reading.view.daemon.exists is False
     assert not kernel.open_handles()      # the host handle is closed
+
+
+# -- overlay peers, from the kernel's entries (cni_bridge.inspect.overlay) -----------------------
+def _kernel_entries():
+    import ipaddress
+
+    from cni_bridge.agent.diff import FdbEntry, NeighEntry
+    from cni_bridge.netlink import KernelRouteInfo
+
+    ip, net = ipaddress.ip_address, ipaddress.ip_network
+    routes = [KernelRouteInfo(net("10.244.2.0/24"), ip("10.0.0.12"), oif=2, proto=157),
+              KernelRouteInfo(net("10.244.3.0/24"), ip("10.244.3.0"), oif=9, proto=157),
+              KernelRouteInfo(net("10.244.4.0/24"), ip("10.244.4.0"), oif=9, proto=157)]
+    fdb = [FdbEntry("0e:cb:0a:01:00:0d", ip("10.1.0.13")), FdbEntry("0e:cb:0a:02:00:0e", ip("10.2.0.14"))]
+    neighbours = [NeighEntry(ip("10.244.3.0"), "0e:cb:0a:01:00:0d"), NeighEntry(ip("10.244.4.0"), "0e:cb:0a:09:09:09"),
+                  NeighEntry(ip("10.244.5.0"), "0e:cb:0a:02:00:0e")]
+    return routes, fdb, neighbours
+
+
+def test_overlay_peers_join_routes_neighbours_and_fdb_entries():
+    from cni_bridge.inspect import overlay
+
+    routes, fdb, neighbours = _kernel_entries()
+    found = {p.pod_cidr or p.via: p for p in overlay.peers(routes, {2: "eth0", 9: "cni-vxlan"}, 9, fdb, neighbours)}
+    direct, tunnel, no_fdb, no_route = (found[k] for k in ("10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24",
+                                                           "10.244.5.0"))
+    assert (direct.way, direct.via, direct.device, direct.complete) == ("route", "10.0.0.12", "eth0", True)
+    assert (tunnel.way, tunnel.vtep_mac, tunnel.underlay, tunnel.complete) == \
+        ("vxlan", "0e:cb:0a:01:00:0d", "10.1.0.13", True)
+    # A neighbour whose MAC has no FDB entry: the packets have nowhere to go.
+    assert (no_fdb.neighbour, no_fdb.fdb, no_fdb.complete, overlay.missing_parts(no_fdb)) == \
+        (True, False, False, ["FDB entry"])
+    # Entries of a peer whose route went away.
+    assert (no_route.route, no_route.underlay, overlay.missing_parts(no_route)) == (False, "10.2.0.14", ["route"])
+    assert len(found) == 4
+
+
+def test_without_a_vxlan_device_every_agent_route_is_direct():
+    from cni_bridge.inspect import overlay
+
+    routes, _, _ = _kernel_entries()
+    assert {p.way for p in overlay.peers(routes, {2: "eth0"})} == {"route"}
+
+
+def test_overlay_checks_warn_on_an_incomplete_peer_and_a_down_device():
+    from cni_bridge.inspect import overlay
+    from cni_bridge.inspect.checks import overlay_checks
+    from cni_bridge.inspect.model import Overlay, VxlanDevice
+
+    routes, fdb, neighbours = _kernel_entries()
+    peers = overlay.peers(routes, {2: "eth0", 9: "cni-vxlan"}, 9, fdb, neighbours)
+    found = verdicts(overlay_checks(Overlay(VxlanDevice("cni-vxlan", 1, 8472, "10.0.0.11", up=False), peers)))
+    assert found == {("vxlan device", "cni-vxlan"): WARN, ("overlay peer", "10.244.2.0/24"): OK,
+                     ("overlay peer", "10.244.3.0/24"): OK, ("overlay peer", "10.244.4.0/24"): WARN,
+                     ("overlay peer", "10.244.5.0 (no route)"): WARN}
+
+
+def test_overlay_in_table_json_and_dot():
+    from cni_bridge.inspect import overlay
+    from cni_bridge.inspect.model import Overlay, VxlanDevice
+
+    routes, fdb, neighbours = _kernel_entries()
+    node = view()
+    node.overlay = Overlay(VxlanDevice("cni-vxlan", 1, 8472, "10.0.0.11", up=True),
+                           overlay.peers(routes, {2: "eth0", 9: "cni-vxlan"}, 9, fdb, neighbours))
+    out = io.StringIO()
+    table.render(node, out)
+    assert "INCOMPLETE: no FDB entry" in out.getvalue() and "VXLAN   cni-vxlan up  VNI 1" in out.getvalue()
+    peer = node.to_dict()["overlay"]["peers"][1]
+    assert (peer["podCIDR"], peer["vtepMac"], peer["underlay"]) == ("10.244.3.0/24", "0e:cb:0a:01:00:0d", "10.1.0.13")
+    picture = io.StringIO()
+    dot.render(node, picture)
+    assert picture.getvalue().count('label="tunnel"') == 3 and picture.getvalue().count('label="route"') == 1
+    if shutil.which("dot"):
+        rendered = subprocess.run(["dot", "-Tsvg"], input=picture.getvalue(), capture_output=True, text=True)
+        assert rendered.returncode == 0 and rendered.stderr == "", rendered.stderr
+
+
+def test_gather_names_the_backend_that_holds_each_attachments_rules(tmp_path, monkeypatch):
+    """On the fake kernel, with each backend's reader answering as GC hears it: an attachment's
+    rules in nftables, another's in iptables (made before a switch), and an element no one holds."""
+    import ipaddress
+
+    from cni_bridge.inspect import checks, gather
+    from cni_bridge.masq import iptables, nftables
+    from cni_bridge.plan import masq_chain_name
+    from ipam.filestore import FileStore, current_boot_id
+    from ipam.store import Reservation
+    from tests.unit.fake_netlink import FakeKernel
+
+    data_dir, conf_dir = tmp_path / "ipam", tmp_path / "net.d"
+    conf_dir.mkdir()
+    write(conf_dir, "10.conflist", {"cniVersion": "1.0.0", "name": "n", "plugins": [
+        {**BRIDGE, "ipMasq": True, "ipMasqBackend": "nftables",
+         "ipam": {"type": "cni-ipam", "dataDir": str(data_dir), "ranges": [[{"subnet": "10.1.0.0/24"}]]}}]})
+    store = FileStore(str(data_dir), "n")
+    with store.locked():
+        for ip, cid in (("10.1.0.2", "new"), ("10.1.0.3", "old")):
+            store.put(Reservation(ipaddress.ip_address(ip), cid, "eth0", current_boot_id(), 1.0))
+            store.set_owned((cid, "eth0"), [ipaddress.ip_address(ip)])
+    monkeypatch.setattr(nftables, "attachments", lambda net: {masq_chain_name(net, "new", "eth0"), "stray"})
+    monkeypatch.setattr(iptables, "attachments", lambda net: {masq_chain_name(net, "old", "eth0")})
+    monkeypatch.setattr(nftables, "masquerading", lambda net: True)
+
+    options = gather.Options(conf_dir=str(conf_dir), bin_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"),
+                             daemon_socket=str(tmp_path / "none.sock"))
+    reading = gather.read_node(options, netlink_factory=FakeKernel().factory)
+    (network,) = reading.view.networks
+    assert network.masq_backend == "nftables"
+    assert {(a.container_id, a.masquerade, a.masq_backend) for a in network.attachments} == \
+        {("new", True, "nftables"), ("old", True, "iptables")}
+    (_, facts), = reading.facts
+    leaks = [c for c in checks.network_checks(network, facts) if c.name == "leak:masq-rule"]
+    assert [(c.verdict, c.subject) for c in leaks] == [(FAIL, "n stray")]
+    assert "nftables set elements" in leaks[0].detail
+
+    # The chain lost its rules: the elements masquerade nothing.
+    monkeypatch.setattr(nftables, "masquerading", lambda net: False)
+    reading = gather.read_node(options, netlink_factory=FakeKernel().factory)
+    (network,) = reading.view.networks
+    assert {(a.container_id, a.masquerade) for a in network.attachments} == {("new", False), ("old", True)}
+    (_, facts), = reading.facts
+    assert verdicts(checks.network_checks(network, facts))[("masquerade rule", "n")] == FAIL
