@@ -3,5 +3,5 @@
 `gather` reads the node into a `model.NodeView`, `checks` adds a verdict per
 check, and `table`, `dot` and `NodeView.to_dict()` (JSON) print it; `cli`
 is the entry point; `pools` (IPAM usage per range) also feeds the daemon's
-metrics. Never on the exec'd plugin's path.
+metrics; `overlay` joins the agent's routes, neighbours and FDB entries into peers. Never on the exec'd plugin's path.
 """
