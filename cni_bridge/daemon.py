@@ -65,6 +65,7 @@ from . import daemon_client as wire
 from . import faults
 from . import metrics as daemon_metrics
 from .protocol.errors import CNIError, Code
+from .protocol.runner import write_error
 
 log = logging.getLogger("cni-bridge.daemon")
 
@@ -199,7 +200,7 @@ def warm_up() -> None:
     from ipam.config import IPAMNetConf
     from ipam.plugin import IpamPlugin  # noqa: F401
 
-    from . import check, faults, masq, oplog, plugin  # noqa: F401
+    from . import check, masq, oplog, plugin  # noqa: F401
     from .confbase import load
     from .config import BridgeConf
     from .netlink import Netlink
@@ -569,12 +570,12 @@ class Worker:
             log.warning("refused a connection from pid %d without CAP_NET_ADMIN", pid)
             raise Refused("the caller lacks CAP_NET_ADMIN", "capability")
         deadline = time.monotonic() + self.options.read_timeout   # for the whole request, not per read
-        size = int.from_bytes(_recv_exact_by(conn, 4, deadline), "big")
+        size = int.from_bytes(wire.recv_exact(conn, 4, deadline), "big")
         if size > self.options.max_request_bytes:
             raise Refused(f"request of {size} bytes exceeds the limit of {self.options.max_request_bytes}",
                           "too-large")
         try:
-            msg = json.loads(_recv_exact_by(conn, size, deadline))
+            msg = json.loads(wire.recv_exact(conn, size, deadline))
             if isinstance(msg, dict) and msg.get("status") is True and msg.get("v") == wire.VERSION:
                 raise StatusAsked()
             env, stdin = msg["env"], binascii.a2b_base64(msg["stdin"])
@@ -613,7 +614,7 @@ class Worker:
                 log.exception("call crashed outside the runner")
                 exc = CNIError(Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
             out, code = io.StringIO(), 1
-            _write_error(out, exc, stdin)
+            write_error(out, exc, stdin)
             err.write(f"{exc}\n")
         finally:
             self.daemon.metrics.call_finished(verb, daemon_metrics.call_result(code, out.getvalue()),
@@ -622,7 +623,7 @@ class Worker:
             self.daemon._set_slot(self.slot, 0.0)
             _restore_logging(root, handlers, level)
             logging.lastResort = last_resort
-            _disarm_faults()
+            faults.arm(None)
         return {"v": wire.VERSION, "stdout": out.getvalue(), "stderr": err.getvalue(), "exit": code}
 
     def _step_check(self, deadline: float, conn: Optional[socket.socket]) -> Callable[[str], None]:
@@ -641,14 +642,6 @@ class Worker:
             if conn is not None and _hung_up(conn):
                 raise ClientGone()
         return check
-
-
-def _write_error(out: TextIO, error: CNIError, stdin: bytes) -> None:
-    """The error object exactly as the runner prints it."""
-    from .protocol.runner import guess_version
-
-    json.dump(error.to_dict(guess_version(stdin)), out, indent=2)
-    out.write("\n")
 
 
 def _restore_logging(root: logging.Logger, keep: list, level: int) -> None:
@@ -671,21 +664,6 @@ def _hung_up(conn: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
-def _recv_exact_by(conn: socket.socket, count: int, deadline: float) -> bytes:
-    chunks, left = [], count
-    while left:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the request did not arrive in time")
-        conn.settimeout(remaining)
-        chunk = conn.recv(min(left, 1 << 16))
-        if not chunk:
-            raise EOFError(f"connection closed with {left} of {count} bytes missing")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
 def _has_capability(pid: int, capability: int) -> bool:
     """Whether process `pid` holds `capability` in its effective set (pid 0: not visible from here)."""
     try:
@@ -701,12 +679,6 @@ def _has_capability(pid: int, capability: int) -> bool:
 def _describe(env: dict) -> str:
     return "{}({}/{})".format(env.get("CNI_COMMAND", "?"), env.get("CNI_CONTAINERID", "-"),
                               env.get("CNI_IFNAME", "-"))
-
-
-def _disarm_faults() -> None:
-    faults = sys.modules.get("cni_bridge.faults")
-    if faults is not None:
-        faults.arm(None)
 
 
 def _send(conn: socket.socket, msg: dict) -> None:

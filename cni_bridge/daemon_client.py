@@ -27,6 +27,7 @@ from __future__ import annotations
 import binascii
 import json
 import os
+import time
 
 import _socket
 
@@ -104,9 +105,15 @@ def encode_request(env: dict, stdin: bytes) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-def recv_exact(sock, count: int) -> bytes:
+def recv_exact(sock, count: int, deadline: float | None = None) -> bytes:
+    """`count` bytes; with `deadline` (time.monotonic()), all of them by then, however they trickle in."""
     chunks, left = [], count
     while left:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{left} of {count} bytes did not arrive in time")
+            sock.settimeout(remaining)
         chunk = sock.recv(min(left, 1 << 16))
         if not chunk:
             raise EOFError(f"connection closed with {left} of {count} bytes missing")

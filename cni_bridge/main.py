@@ -105,15 +105,11 @@ def run_in_process(env, stdin: bytes, stdout, stderr) -> int:
 
 def _gave_up(stdin: bytes, reason: str, stdout) -> int:
     """The daemon may still be running the call: never redo it here, let the runtime retry."""
-    import json
-
     from .protocol.errors import CNIError, Code
-    from .protocol.runner import guess_version
+    from .protocol.runner import write_error
 
-    error = CNIError(Code.TRY_AGAIN_LATER, f"the cni-bridge daemon gave no answer: {reason}",
-                     "the daemon stops or undoes a call whose plugin has gone; retry the call")
-    json.dump(error.to_dict(guess_version(stdin)), stdout, indent=2)
-    stdout.write("\n")
+    write_error(stdout, CNIError(Code.TRY_AGAIN_LATER, f"the cni-bridge daemon gave no answer: {reason}",
+                                 "the daemon stops or undoes a call whose plugin has gone; retry the call"), stdin)
     return 1
 
 

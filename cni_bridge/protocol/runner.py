@@ -107,6 +107,12 @@ def guess_version(stdin: bytes) -> str:
     return version if version in versions.SUPPORTED_VERSIONS else versions.LATEST
 
 
+def write_error(stdout: TextIO, error: CNIError, stdin: bytes) -> None:
+    """The error object, in the version the config asks for when it can be read."""
+    json.dump(error.to_dict(guess_version(stdin)), stdout, indent=2)
+    stdout.write("\n")
+
+
 def run(
     load_plugin: Callable[[], Plugin],
     env: Mapping[str, str],
@@ -131,7 +137,6 @@ def run(
             json.dump(output, stdout, indent=2)
             stdout.write("\n")
         return 0
-    json.dump(error.to_dict(guess_version(stdin)), stdout, indent=2)
-    stdout.write("\n")
+    write_error(stdout, error, stdin)
     stderr.write(f"{error}\n")
     return 1

@@ -11,8 +11,8 @@ import pytest
 from cni_bridge.masq.nftables import chain_name, pods_set
 from cni_bridge.plan import masq_chain_name
 from tests.integration.test_inspect import NET, Node as InspectNode, checks
-from tests.integration.test_overlay import SUBNETS, VXLAN, Cluster, Node, _converge
-from tests.support.netns import VENV_BIN, CniHost, Netns, make_cni_path, unique
+from tests.integration.test_overlay import VXLAN, Node, build_cluster
+from tests.support.netns import VENV_BIN
 
 # node-1 and node-2 share subnet A (a direct route), node-3 is behind the router (VXLAN).
 LAYOUT = [("node-1", "A", 11), ("node-2", "A", 12), ("node-3", "B", 13)]
@@ -22,32 +22,7 @@ ENV = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/bin")}
 @pytest.fixture
 def overlay_cluster(make_netns, tmp_path):
     """A router with two subnets and three nodes, converged by `cni-bridge agent --backend auto`."""
-    router = make_netns("rt")
-    router.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
-    segments = {}
-    for key in ("A", "B"):
-        segments[key] = unique("sg")
-        router.exec("ip", "link", "add", segments[key], "type", "bridge")
-        router.exec("ip", "addr", "add", f"{SUBNETS[key]}.1/24", "dev", segments[key])
-        router.exec("ip", "link", "set", segments[key], "up")
-    nodes = []
-    for name, key, host_part in LAYOUT:
-        ns: Netns = make_netns("nd")
-        ip = f"{SUBNETS[key]}.{host_part}"
-        port = unique("u")
-        router.exec("ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
-        router.exec("ip", "link", "set", port, "master", segments[key], "up")
-        ns.exec("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
-        ns.exec("ip", "link", "set", "eth0", "up")
-        ns.exec("ip", "route", "add", "default", "via", f"{SUBNETS[key]}.1")
-        index = name.split("-")[1]
-        base = tmp_path / name
-        nodes.append(Node(name, key, ip, (f"10.244.{index}.0/24", f"fd00:10:244:{index}::/64"), ns,
-                          base / "net.d", base / "ipam", unique("cb"),
-                          CniHost(ns, make_cni_path(base / "bin"), base / "ipam")))
-    cluster = Cluster(router, nodes, tmp_path / "topology.json")
-    _converge(cluster, "auto")
-    return cluster
+    return build_cluster(make_netns, tmp_path, LAYOUT)
 
 
 def _inspect(node: Node, tmp_path, *args: str):

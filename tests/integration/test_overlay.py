@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -182,39 +183,49 @@ def _all_pairs_keep_the_pod_source(cluster: Cluster, names: list[str]) -> None:
     assert failures == []
 
 
+def build_cluster(new_netns: Callable[[str], Netns], tmp: Path, layout: list) -> Cluster:
+    """A router joining the layout's subnets and one node namespace per entry, converged by
+    `cni-bridge agent --backend auto`; `new_netns(prefix)` makes (and registers) a namespace."""
+    router = new_netns("rt")
+    router.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    segments = {}
+    for key in sorted({key for _, key, _ in layout}):
+        segments[key] = unique("sg")
+        router.exec("ip", "link", "add", segments[key], "type", "bridge")
+        router.exec("ip", "addr", "add", f"{SUBNETS[key]}.1/24", "dev", segments[key])
+        router.exec("ip", "link", "set", segments[key], "up")
+    nodes = []
+    for name, key, host_part in layout:
+        ns = new_netns("nd")
+        ip = f"{SUBNETS[key]}.{host_part}"
+        port = unique("u")
+        router.exec("ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        router.exec("ip", "link", "set", port, "master", segments[key], "up")
+        ns.exec("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
+        ns.exec("ip", "link", "set", "eth0", "up")
+        ns.exec("ip", "route", "add", "default", "via", f"{SUBNETS[key]}.1")
+        index = name.split("-")[1]
+        base = tmp / name
+        nodes.append(Node(name, key, ip, (f"10.244.{index}.0/24", f"fd00:10:244:{index}::/64"), ns,
+                          base / "net.d", base / "ipam", unique("cb"),
+                          CniHost(ns, make_cni_path(base / "bin"), base / "ipam")))
+    cluster = Cluster(router, nodes, tmp / "topology.json")
+    _converge(cluster, "auto")
+    return cluster
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("overlay")
     made: list[Netns] = []
     cluster = None
     try:
-        router = Netns("rt")
-        made.append(router)
-        router.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        segments = {}
-        for key, prefix in SUBNETS.items():
-            segments[key] = unique("sg")
-            router.exec("ip", "link", "add", segments[key], "type", "bridge")
-            router.exec("ip", "addr", "add", f"{prefix}.1/24", "dev", segments[key])
-            router.exec("ip", "link", "set", segments[key], "up")
-        nodes = []
-        for name, key, host_part in LAYOUT:
-            ns = Netns("nd")
-            made.append(ns)
-            ip = f"{SUBNETS[key]}.{host_part}"
-            port = unique("u")
-            router.exec("ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
-            router.exec("ip", "link", "set", port, "master", segments[key], "up")
-            ns.exec("ip", "addr", "add", f"{ip}/24", "dev", "eth0")
-            ns.exec("ip", "link", "set", "eth0", "up")
-            ns.exec("ip", "route", "add", "default", "via", f"{SUBNETS[key]}.1")
-            index = name.split("-")[1]
-            base = tmp / name
-            nodes.append(Node(name, key, ip, (f"10.244.{index}.0/24", f"fd00:10:244:{index}::/64"), ns,
-                              base / "net.d", base / "ipam", unique("cb"),
-                              CniHost(ns, make_cni_path(base / "bin"), base / "ipam")))
-        cluster = Cluster(router, nodes, tmp / "topology.json")
-        _converge(cluster, "auto")
+        def new_netns(prefix: str) -> Netns:
+            made.append(Netns(prefix))
+            return made[-1]
+
+        cluster = build_cluster(new_netns, tmp, LAYOUT)
+        nodes = cluster.nodes
         for node in nodes:
             pod = Pod(node, Netns("pod"), unique("c"))
             made.append(pod.ns)
