@@ -436,7 +436,7 @@ def main() -> int:
     parser.add_argument("--bursts", type=int, default=3, help="bursts per variant (median; standalone runs 1)")
     parser.add_argument("--workers", type=int, default=0, help="daemon workers (default: the daemon's default)")
     parser.add_argument("--reservations", type=int, default=5000)
-    parser.add_argument("--cri-pods", type=int, default=10, help="pods per variant through containerd's CRI")
+    parser.add_argument("--cri-pods", type=int, default=10, help="pods per variant through containerd's CRI (0: skip it)")
     parser.add_argument("--steps", type=int, default=20, help="in-process cycles for the per-step breakdown")
     parser.add_argument("--scale", default="0,100,500,1000",
                         help="pods attached for the scale table (comma-separated; empty: skip it)")
@@ -676,9 +676,11 @@ def main() -> int:
         ipam_table = table(["measure", "10 reservations", f"{args.reservations:,} reservations", "ratio"], ipam_rows)
 
         # 5. Kubelet's path: the same plugins under containerd's CRI (scripts/bench_cri.py).
-        import bench_cri
-        cri_rows, results["cri"] = bench_cri.measure(work / "cri", bin_dir, front_end, args.cri_pods, log)
-        cri_table = table(["variant", "RunPodSandbox", "ratio", "Stop+Remove", "ratio"], cri_rows)
+        cri_table = None
+        if args.cri_pods > 0:
+            import bench_cri
+            cri_rows, results["cri"] = bench_cri.measure(work / "cri", bin_dir, front_end, args.cri_pods, log)
+            cri_table = table(["variant", "RunPodSandbox", "ratio", "Stop+Remove", "ratio"], cri_rows)
         # 6. per-step breakdown of one daemon cycle.
         log("per-step breakdown")
         steps_conf = lambda m: bridge_conf("bench-steps", "brst", "10.208.0.0/16", work / "ipam", m, "",
@@ -738,8 +740,9 @@ def main() -> int:
     print(rss_table)
     print("\n## IPAM cost against reservations held\n")
     print(ipam_table)
-    print(f"\n## Through containerd's CRI (kubelet's path), medians of {args.cri_pods} pods\n")
-    print(cri_table)
+    if cri_table is not None:
+        print(f"\n## Through containerd's CRI (kubelet's path), medians of {args.cri_pods} pods\n")
+        print(cri_table)
     print("\n## One daemon cycle, step by step (medians; in-process as a worker runs it)\n")
     print(steps_table)
     if scale_out is not None:
