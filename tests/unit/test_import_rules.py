@@ -68,10 +68,11 @@ def test_only_the_netlink_adapter_imports_pyroute2():
     assert importers == ["cni_bridge.netlink"]
 
 
-# The netlink adapter layer: the adapter itself (which alone imports pyroute2) and the
-# agent's extension of it for the overlay (VXLAN device, FDB, neighbours), which uses the
-# adapter's IPRoute handle and imports pyroute2 nowhere.
-ADAPTER_LAYER = {"cni_bridge.netlink", "cni_bridge.agent.overlay_netlink"}
+# The netlink adapter layer: the adapter itself (which alone imports pyroute2), the raw
+# rtnetlink client it drives the plugin's operations with, and the agent's extension of it
+# for the overlay (VXLAN device, FDB, neighbours), the one user of the adapter's pyroute2
+# IPRoute handle; it imports pyroute2 nowhere.
+ADAPTER_LAYER = {"cni_bridge.netlink", "cni_bridge.rtnl", "cni_bridge.agent.overlay_netlink"}
 
 
 def uses_the_iproute_handle(path: Path) -> bool:
@@ -79,9 +80,14 @@ def uses_the_iproute_handle(path: Path) -> bool:
     return any(isinstance(node, ast.Attribute) and node.attr == "ipr" for node in ast.walk(ast.parse(path.read_text())))
 
 
-def test_only_the_adapter_layer_drives_pyroute2():
+def test_only_the_overlay_drives_pyroute2():
     users = {module_name(p) for p in ALL_FILES if uses_the_iproute_handle(p)}
-    assert users == ADAPTER_LAYER
+    assert users == {"cni_bridge.agent.overlay_netlink"}
+
+
+def test_only_the_adapter_layer_speaks_rtnetlink():
+    importers = {module_name(p) for p in ALL_FILES if "cni_bridge.rtnl" in imported_modules(p)}
+    assert importers <= ADAPTER_LAYER and "cni_bridge.netlink" in importers
 
 
 def test_the_plugin_side_never_imports_the_agent():
