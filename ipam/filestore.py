@@ -60,29 +60,40 @@ def io_error(action: str, path: str, exc: OSError) -> CNIError:
     return CNIError(Code.IO_FAILURE, f"cannot {action} {path}: {hint}", "check the ipam dataDir")
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600, durable: bool = True) -> None:
-    """Write `data` to `path` so a reader sees the old or the new file, never a torn one.
-
-    `durable=False` skips the fsyncs: for hints whose loss in a power cut costs
-    nothing (a torn or empty hint file reads as "no hint"), not for reservations.
-    """
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write `data` to `path` durably, so a reader sees the old or the new file, never a torn one."""
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
             os.write(fd, data)
-            if durable:
-                os.fsync(fd)
+            os.fsync(fd)
         finally:
             os.close(fd)
         point("ipam.store.temp-written")
         os.replace(tmp, path)
-        if durable:
-            fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise io_error("write", path, exc) from None
+
+
+def write_hint(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Overwrite a small hint file in place: no temp file, no rename, no fsync.
+
+    pwrite then shrink, never truncate to zero first (that too makes ext4 write
+    the file back on close). Readers and writers hold the store lock.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, mode)
+        try:
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+    except OSError as exc:
         raise io_error("write", path, exc) from None
 
 
@@ -345,8 +356,10 @@ class FileStore:
         return _parse_ip(data.decode("ascii", "replace").strip()) if data else None
 
     def set_last_reserved(self, set_index: int, ip: IPAddress) -> None:
-        # Only where the round-robin search starts: losing it in a power cut is harmless.
-        write_atomic(os.path.join(self.dir, f"{LAST_PREFIX}{set_index}"), str(ip).encode(), 0o644, durable=False)
+        # Only where the round-robin search starts, so overwritten in place: a temp file
+        # renamed over it made ext4 start writing it back (auto_da_alloc), ~0.3 ms an ADD.
+        # A torn or lost cursor (a kill, a power cut) only moves where the next search starts.
+        write_hint(os.path.join(self.dir, f"{LAST_PREFIX}{set_index}"), str(ip).encode())
 
     # -- owner index ------------------------------------------------------------
     def _owner_path(self, owner: Owner) -> str:
