@@ -1,12 +1,17 @@
 """The cheap paths of in-process IPAM: what they skip, and that they stay correct."""
 from __future__ import annotations
 
+import copy
 import ipaddress
 import os
 
 import pytest
 
+from cni_bridge.confbase import load
+from cni_bridge.protocol.errors import CNIError
+from ipam.config import IPAMNetConf
 from ipam.filestore import FileStore
+from ipam.plugin import _CONF_CACHE_SIZE, _load_conf_json, load_conf
 
 ip = ipaddress.ip_address
 NET = "pods"
@@ -27,3 +32,57 @@ def test_cursor_is_overwritten_in_place_and_shrinks(store, tmp_path):
     assert cursor.read_text() == "10.0.0.9" and store.last_reserved(0) == ip("10.0.0.9")
     assert cursor.stat().st_ino == inode                     # no temp file renamed over it
     assert not [n for n in os.listdir(cursor.parent) if n.startswith(".tmp")]
+
+
+# -- the validated-config cache (ipam.plugin.load_conf) ---------------------------
+
+def conf(subnet: str = "10.0.0.0/24", **ipam) -> dict:
+    return {"cniVersion": "1.0.0", "name": "pods", "type": "cni-bridge",
+            "ipam": {"type": "cni-ipam", "ranges": [[{"subnet": subnet}]], **ipam}}
+
+
+@pytest.fixture
+def empty_cache():
+    _load_conf_json.cache_clear()
+    yield
+    _load_conf_json.cache_clear()
+
+
+def test_same_config_in_any_key_order_is_validated_once(empty_cache):
+    first = load_conf(conf())
+    reordered = dict(reversed(list(copy.deepcopy(conf()).items())))
+    assert load_conf(reordered) is first
+    assert _load_conf_json.cache_info().misses == 1
+
+
+def test_a_changed_config_gets_a_fresh_model(empty_cache):
+    raw = conf()
+    assert load_conf(raw).ipam.range_sets[0][0].network == ipaddress.ip_network("10.0.0.0/24")
+    raw["ipam"]["ranges"][0][0]["subnet"] = "10.9.0.0/24"     # the caller's dict changes in place
+    assert load_conf(raw).ipam.range_sets[0][0].network == ipaddress.ip_network("10.9.0.0/24")
+    assert load_conf(conf(dataDir="/elsewhere")).ipam.data_dir == "/elsewhere"
+    with_args = {**conf(), "args": {"cni": {"ips": ["10.0.0.7"]}}}
+    assert load_conf(with_args).requested_ips({}) == [ip("10.0.0.7")]
+    assert load_conf(conf()).requested_ips({}) == []
+
+
+def test_the_cache_is_bounded(empty_cache):
+    for n in range(_CONF_CACHE_SIZE * 3):
+        assert load_conf(conf(f"10.{n}.0.0/24")).ipam.range_sets[0][0].subnet == f"10.{n}.0.0/24"
+    assert _load_conf_json.cache_info().currsize == _CONF_CACHE_SIZE
+
+
+def test_a_bad_config_is_error_7_every_time_and_never_cached(empty_cache):
+    for _ in range(2):
+        with pytest.raises(CNIError) as info:
+            load_conf(conf("10.0.0.1/24"))          # host bits set
+        assert info.value.code == 7
+    assert _load_conf_json.cache_info().currsize == 0
+
+
+def test_cached_range_properties_keep_the_model_plain():
+    a, b = load(IPAMNetConf, conf()), load(IPAMNetConf, conf())
+    rng = a.ipam.range_sets[0][0]
+    assert (rng.start, rng.end, rng.gateway_ip) == (ip("10.0.0.1"), ip("10.0.0.254"), ip("10.0.0.1"))
+    assert a == b                                            # cached values do not count in equality
+    assert set(rng.model_dump()) == {"subnet", "range_start", "range_end", "gateway"}
