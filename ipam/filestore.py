@@ -42,12 +42,23 @@ _CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 
+_boot_id: Optional[str] = None
+
+
 def current_boot_id(path: str = BOOT_ID_PATH) -> str:
+    """This boot's ID ("" when unreadable). The machine's is read once per process:
+    no process outlives the boot it started in, and a daemon worker asks on every ADD."""
+    global _boot_id
+    if path == BOOT_ID_PATH and _boot_id:
+        return _boot_id
     try:
         with open(path) as f:
-            return f.read().strip()
+            found = f.read().strip()
     except OSError:
         return ""
+    if path == BOOT_ID_PATH:
+        _boot_id = found
+    return found
 
 
 def io_error(action: str, path: str, exc: OSError) -> CNIError:

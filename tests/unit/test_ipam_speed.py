@@ -10,6 +10,7 @@ import pytest
 from cni_bridge.confbase import load
 from cni_bridge.protocol.errors import CNIError
 from ipam.config import IPAMNetConf
+from ipam import filestore
 from ipam.filestore import FileStore
 from ipam.plugin import _CONF_CACHE_SIZE, _load_conf_json, load_conf
 
@@ -86,3 +87,11 @@ def test_cached_range_properties_keep_the_model_plain():
     assert (rng.start, rng.end, rng.gateway_ip) == (ip("10.0.0.1"), ip("10.0.0.254"), ip("10.0.0.1"))
     assert a == b                                            # cached values do not count in equality
     assert set(rng.model_dump()) == {"subnet", "range_start", "range_end", "gateway"}
+
+
+def test_the_machines_boot_id_is_read_once(monkeypatch):
+    monkeypatch.setattr(filestore, "_boot_id", None)
+    first = filestore.current_boot_id()
+    assert first == open(filestore.BOOT_ID_PATH).read().strip()
+    monkeypatch.setattr(filestore, "open", lambda *a: pytest.fail("read again"), raising=False)
+    assert filestore.current_boot_id() == first
