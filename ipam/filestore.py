@@ -71,8 +71,11 @@ def io_error(action: str, path: str, exc: OSError) -> CNIError:
     return CNIError(Code.IO_FAILURE, f"cannot {action} {path}: {hint}", "check the ipam dataDir")
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` durably, so a reader sees the old or the new file, never a torn one."""
+def write_atomic(path: str, data: bytes, mode: int = 0o600, sync_dir: bool = True) -> None:
+    """Write `data` to `path` durably, so a reader sees the old or the new file, never a torn one.
+
+    `sync_dir=False` leaves the rename's directory fsync to the caller, who batches it.
+    """
     directory = os.path.dirname(path)
     tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
     try:
@@ -84,7 +87,8 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
             os.close(fd)
         point("ipam.store.temp-written")
         os.replace(tmp, path)
-        fsync_dir(directory)
+        if sync_dir:
+            fsync_dir(directory)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -148,6 +152,9 @@ class FileStore:
         self.index_unindexed = index_unindexed
         self._lock_depth = 0
         self._lock_fd: Optional[int] = None
+        # An IP file was renamed into self.dir under the lock and the directory is not
+        # fsynced yet (see put and sync).
+        self._unsynced = False
 
     # -- locking -------------------------------------------------------------
     def ensure_dirs(self) -> None:
@@ -180,7 +187,12 @@ class FileStore:
                 if self.index_unindexed:
                     noted = self._index_unindexed(fd)
                 yield
+                self.sync()   # durable before the lock is let go, whoever forgot to sync
             finally:
+                if self._unsynced:   # leaving on an error: what was written still goes to disk
+                    with contextlib.suppress(CNIError):
+                        self.sync()
+                    self._unsynced = False
                 if noted is not None:
                     self._note_dir_state(fd, noted)
                 self._lock_depth, self._lock_fd = 0, None
@@ -317,7 +329,22 @@ class FileStore:
         }
         if reservation.netns:
             record["netns"] = reservation.netns
-        write_atomic(self._ip_path(reservation.ip), json.dumps(record).encode())
+        # Under the lock the directory fsync waits for sync(): one for all of an ADD's IP
+        # files (dual-stack writes two). The owner record is synced at once instead, so it
+        # is on disk before any IP file it names, as the allocator's intent-first order needs.
+        deferred = self._lock_depth > 0
+        write_atomic(self._ip_path(reservation.ip), json.dumps(record).encode(), sync_dir=not deferred)
+        self._unsynced = self._unsynced or deferred
+
+    def sync(self) -> None:
+        """Make the IP files put since the last sync durable: one fsync of their directory."""
+        if not self._unsynced:
+            return
+        try:
+            fsync_dir(self.dir)
+        except OSError as exc:
+            raise io_error("sync", self.dir, exc) from None
+        self._unsynced = False
 
     def delete(self, ip: IPAddress) -> None:
         self._unlink(self._ip_path(ip))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import errno
 import ipaddress
 import os
 
@@ -9,10 +10,12 @@ import pytest
 
 from cni_bridge.confbase import load
 from cni_bridge.protocol.errors import CNIError
-from ipam.config import IPAMNetConf
+from ipam.allocator import Allocator
+from ipam.config import IPAMNetConf, Range
 from ipam import filestore
 from ipam.filestore import FileStore
 from ipam.plugin import _CONF_CACHE_SIZE, _load_conf_json, load_conf
+from ipam.store import Reservation
 
 ip = ipaddress.ip_address
 NET = "pods"
@@ -95,3 +98,58 @@ def test_the_machines_boot_id_is_read_once(monkeypatch):
     assert first == open(filestore.BOOT_ID_PATH).read().strip()
     monkeypatch.setattr(filestore, "open", lambda *a: pytest.fail("read again"), raising=False)
     assert filestore.current_boot_id() == first
+
+
+# -- one directory fsync for all of an ADD's IP files --------------------------------
+
+def record_syncs(monkeypatch, store: FileStore, fail_dir: str = "") -> list[tuple[str, list[str]]]:
+    """Each fsync as (path, the store directory's names at that moment)."""
+    synced: list[tuple[str, list[str]]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path == fail_dir:
+            raise OSError(errno.EIO, "I/O error")
+        synced.append((path, sorted(os.listdir(store.dir))))
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def dual_stack(store: FileStore) -> Allocator:
+    return Allocator(store, [[Range(subnet="10.0.0.0/29")], [Range(subnet="fd00::/120")]], "boot-1", 1.0)
+
+
+def test_dual_stack_add_syncs_the_owner_record_first_and_the_ip_files_together(store, monkeypatch):
+    synced = record_syncs(monkeypatch, store)
+    dual_stack(store).allocate(("c1", "eth0"))
+    paths = [p for p, _ in synced]
+    assert paths.count(store.dir) == 1 and paths.count(store.owners_dir) == 1
+    assert len(paths) == 5          # owner record, owners/, two IP files, their one directory
+    # intent first: owners/ is on disk before any IP file is even written
+    first_ip = next(i for i, p in enumerate(paths) if os.path.basename(p).startswith(".tmp-10.0.0."))
+    assert paths.index(store.owners_dir) < first_ip
+    # the one directory fsync comes after both renames
+    names = dict(synced)[store.dir]
+    assert "10.0.0.2" in names and "fd00::2" in names
+
+
+def test_a_failed_directory_sync_undoes_the_add(store, monkeypatch):
+    record_syncs(monkeypatch, store, fail_dir=store.dir)
+    with pytest.raises(CNIError) as info:
+        dual_stack(store).allocate(("c1", "eth0"))
+    assert info.value.code == 5
+    monkeypatch.undo()
+    assert list(store.reservations()) == [] and store.owners() == []
+
+
+def test_put_outside_the_lock_syncs_at_once_and_inside_by_the_release(store, monkeypatch):
+    synced = record_syncs(monkeypatch, store)
+    store.put(Reservation(ip("10.0.0.2"), "c1", "eth0"))
+    assert synced[-1][0] == store.dir
+    synced.clear()
+    with store.locked():
+        store.put(Reservation(ip("10.0.0.3"), "c2", "eth0"))
+        assert store.dir not in [p for p, _ in synced]
+    assert [p for p, _ in synced].count(store.dir) == 1
