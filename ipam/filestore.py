@@ -1,10 +1,11 @@
 """The on-disk store: one file per reserved IP under <dataDir>/<network>/.
 
-Layout (all writes go to a temp file, fsync, then rename, so nothing is torn):
+Layout (records go to a temp file, fsync, then rename, so none is ever torn):
   lock                       flock(LOCK_EX) around every read-modify-write; its content
                              notes the directory's state when cni-ipam last let go
   <ip>                       JSON {containerID, ifname, boot, created}
-  last_reserved_ip.<set>     the last address handed out from range set <set>
+  last_reserved_ip.<set>     the last address handed out from range set <set> (a hint:
+                             overwritten in place, never synced)
   owners/<cid>:<ifname>      JSON list of the IPs that attachment holds (the index
                              that keeps DEL and repeated ADD O(1) in store size)
 
