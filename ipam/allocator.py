@@ -71,6 +71,7 @@ class Allocator:
                     self.store.put(Reservation(alloc.ip, owner[0], owner[1], self.boot_id, self.now, netns=netns))
                     point("ipam.add.ip-written")
                     self.store.set_last_reserved(index, alloc.ip)
+                self.store.sync()   # the new IP files are on disk before the ADD reports them
             except CNIError:
                 self._undo_allocate(owner, held, chosen)
                 raise

@@ -1,6 +1,7 @@
 """cni-ipam's config model: host-local compatible ranges, routes and dataDir."""
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Iterator, Optional
 
@@ -27,7 +28,11 @@ def _address(text: str) -> IPAddress:
 
 
 class Range(Model):
-    """One contiguous pool inside a subnet; defaults follow host-local."""
+    """One contiguous pool inside a subnet; defaults follow host-local.
+
+    The parsed addresses are cached properties (the model is frozen): the allocator
+    asks for them for every candidate address, and a cached config lives on.
+    """
 
     subnet: StrictStr
     range_start: Optional[StrictStr] = None
@@ -46,21 +51,21 @@ class Range(Model):
             raise ValueError(f"rangeStart {self.start} is after rangeEnd {self.end}")
         return self
 
-    @property
+    @functools.cached_property
     def network(self) -> IPNetwork:
         return ipaddress.ip_network(self.subnet)
 
-    @property
+    @functools.cached_property
     def gateway_ip(self) -> IPAddress:
         return _address(self.gateway) if self.gateway else self.network[1]
 
-    @property
+    @functools.cached_property
     def start(self) -> IPAddress:
         if self.range_start:
             return _address(self.range_start)
         return self.network[1]
 
-    @property
+    @functools.cached_property
     def end(self) -> IPAddress:
         if self.range_end:
             return _address(self.range_end)

@@ -1,7 +1,9 @@
 """cni-ipam's verbs: reserve, release, check, collect and report on addresses."""
 from __future__ import annotations
 
+import functools
 import ipaddress
+import json
 import os
 import time
 from typing import Optional
@@ -17,6 +19,24 @@ from .filestore import FileStore, current_boot_id
 from .resolvconf import load_resolv_conf
 
 
+# A node daemon sees the same few network configs on every call.
+_CONF_CACHE_SIZE = 16
+
+
+def load_conf(config: dict) -> IPAMNetConf:
+    """The validated model of `config`, from a small cache keyed on its canonical JSON.
+
+    Validation is most of an ADD's CPU in a long-lived process; a model is frozen and
+    its key holds every byte it was built from, so a changed config misses the cache.
+    """
+    return _load_conf_json(json.dumps(config, sort_keys=True, separators=(",", ":")))
+
+
+@functools.lru_cache(maxsize=_CONF_CACHE_SIZE)
+def _load_conf_json(text: str) -> IPAMNetConf:
+    return load(IPAMNetConf, json.loads(text))   # a bad config raises, and is not cached
+
+
 def open_allocator(conf: IPAMNetConf, boot_id: Optional[str] = None) -> Allocator:
     store = FileStore(conf.ipam.data_dir, conf.name, conf.ipam.lock_timeout)
     return Allocator(store, conf.ipam.range_sets,
@@ -27,7 +47,7 @@ class IpamPlugin:
     about = "cni-ipam: file-backed IPAM for CNI (host-local compatible config)"
 
     def add(self, req: Request) -> Result:
-        conf = load(IPAMNetConf, req.config)
+        conf = load_conf(req.config)
         owner = (req.cmd.container_id, req.cmd.ifname)
         dns = conf.dns.to_dns()
         if conf.ipam.resolv_conf:  # read before reserving, so a bad file leaks no reservation
@@ -44,11 +64,11 @@ class IpamPlugin:
         return Result(ips=ips, routes=tuple(r.to_route() for r in conf.ipam.routes), dns=dns)
 
     def delete(self, req: Request) -> None:
-        conf = load(IPAMNetConf, req.config)
+        conf = load_conf(req.config)
         open_allocator(conf).release((req.cmd.container_id, req.cmd.ifname))
 
     def check(self, req: Request) -> None:
-        conf = load(IPAMNetConf, req.config)
+        conf = load_conf(req.config)
         owner = (req.cmd.container_id, req.cmd.ifname)
         held = set(open_allocator(conf).held_by(owner))
         if not held:
@@ -61,7 +81,7 @@ class IpamPlugin:
                                f"address {ip.address.ip} is not reserved for container {owner[0]}")
 
     def gc(self, req: Request) -> None:
-        conf = load(IPAMNetConf, req.config)
+        conf = load_conf(req.config)
         keep = conf.gc_keep()
         if keep is None:
             raise CNIError(Code.INVALID_CONFIG, "GC needs cni.dev/valid-attachments in the config")
@@ -72,7 +92,7 @@ class IpamPlugin:
                 allocator.store.sweep_temp_files()  # left by a writer killed mid-write
 
     def status(self, req: Request) -> None:
-        conf = load(IPAMNetConf, req.config)
+        conf = load_conf(req.config)
         allocator = open_allocator(conf)
         store = allocator.store
         assert isinstance(store, FileStore)
