@@ -476,10 +476,15 @@ class Worker:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         if os.getppid() != parent:   # the supervisor died before the death signal was armed
             return 0
+        # EPOLLEXCLUSIVE: a connection wakes one idle worker, not all of them (with
+        # select, every worker woke for every call and all but one found nothing).
+        poller = select.epoll()
+        poller.register(self.listener, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        poller.register(wake_r, select.EPOLLIN)
         served = 0
         while not self.stopping and served < self.options.max_requests_per_worker:
             try:
-                ready, _, _ = select.select([self.listener, wake_r], [], [])
+                ready = {fd for fd, _ in poller.poll()}
             except InterruptedError:
                 continue
             if wake_r in ready:
