@@ -11,22 +11,29 @@ Table `inet cni_bridge` holds, per network (named by a digest of its name):
                                   rule per IP family that matches the sets
 
 An ADD adds one element and a DEL deletes one, so their cost does not depend on
-how many pods the node holds. Each call runs one `nft` process per step; the
-table, sets and chain are (re)made only when a check finds them missing, because
-re-adding a base chain or an interval-set element costs ~15 ms in the kernel
-even when nothing changes.
+how many pods the node holds. Those element steps go to the kernel directly as
+one nf_tables netlink batch (`nfnl`, no `nft` process); when netlink fails in a
+way that is not the expected "exists"/"absent", the same step runs through `nft`,
+whose error message the user then sees. The table, sets and chain are made, and
+everything is read (GC, CHECK, inspect), with `nft`; they are (re)made only when a
+check finds them missing, because re-adding a base chain or an interval-set
+element costs ~15 ms in the kernel even when nothing changes.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import json
+import logging
 import shutil
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from ..plan import MULTICAST, MasqPlan, masq_chain_name
 from ..protocol.errors import CNIError, Code
 from ..protocol.result import IPAddress
+
+log = logging.getLogger(__name__)
 
 TOOL = "nft"
 TABLE = "cni_bridge"
@@ -132,6 +139,32 @@ def _comment(key: str) -> str:
     return f'comment "{key}"'
 
 
+def _by_family(network: str, addresses: Iterable[Any]) -> dict[str, list[Any]]:
+    """Addresses grouped by the pods set they belong in."""
+    grouped: dict[str, list[Any]] = {}
+    for address in addresses:
+        grouped.setdefault(pods_set(network, address.version), []).append(address)
+    return grouped
+
+
+def _netlink(steps: Callable[[], list[Any]]) -> Optional[int]:
+    """Apply element steps as one nf_tables netlink batch: 0 when applied, the errno
+    of an expected refusal (EEXIST, ENOENT; nothing applied), None when netlink could
+    not do it (the caller runs the same step through `nft` instead)."""
+    from . import nfnl   # here: STATUS and ipMasq-off calls never need it
+
+    try:
+        nfnl.run(steps())
+        return 0
+    except nfnl.NetlinkError as err:
+        if err.errno in (errno.EEXIST, errno.ENOENT):
+            return err.errno
+        log.warning("nf_tables netlink refused an element step (%s); retrying with nft", err)
+    except (nfnl.Unexpected, OSError, ValueError) as err:
+        log.warning("nf_tables netlink failed (%s); retrying with nft", err)
+    return None
+
+
 # -- ADD --------------------------------------------------------------------------------------------
 def setup(plan: MasqPlan) -> None:
     """Add the attachment's addresses to its network's set (making the table first if needed)."""
@@ -140,6 +173,8 @@ def setup(plan: MasqPlan) -> None:
     subnets = {rule.subnet for rule in plan.rules}
     if not _ready(network, families, subnets):
         _nft(_ensure_script(network, subnets))
+    if _netlink_add(plan):
+        return
     adds = "".join(f"add element inet {TABLE} {pods_set(network, r.source.version)} "
                    f"{{ {r.source} {_comment(plan.chain)} }}\n" for r in plan.rules)
     creates = adds.replace("add element", "create element")
@@ -154,8 +189,54 @@ def setup(plan: MasqPlan) -> None:
         _nft(adds + deletes + adds)
 
 
+def _netlink_add(plan: MasqPlan) -> bool:
+    """The elements added through netlink (`create`; an element left by an earlier
+    attachment of the address is replaced, comment and all). False: use `nft`."""
+    from . import nfnl
+
+    sets = _by_family(plan.network, (rule.source for rule in plan.rules))
+    key = plan.chain
+
+    def add(exclusive: bool) -> list[Any]:
+        return [nfnl.add_step(TABLE, name, [(ip, key) for ip in ips], exclusive) for name, ips in sets.items()]
+
+    outcome = _netlink(lambda: add(True))
+    if outcome == errno.EEXIST:
+        # add (so the delete finds every element), delete, add: one transaction
+        outcome = _netlink(lambda: add(False) + [nfnl.delete_step(TABLE, name, ips) for name, ips in sets.items()]
+                           + add(True))
+    return outcome == 0
+
+
 def _ready(network: str, families: list[int], subnets: set[Any]) -> bool:
-    """Whether the chain exists and the sets hold these subnets (a read: no kernel commit)."""
+    """Whether the chain exists with its rules and the sets hold these subnets (a read:
+    no kernel commit). Read through netlink; through `nft` if that fails unexpectedly."""
+    from . import nfnl
+
+    try:
+        return nfnl.use(lambda sock: _ready_netlink(sock, network, families, subnets))
+    except (nfnl.Unexpected, OSError) as err:   # NetlinkError is an OSError
+        log.warning("nf_tables netlink read failed (%s); reading with nft", err)
+    return _ready_nft(network, families, subnets)
+
+
+def _ready_netlink(sock: Any, network: str, families: list[int], subnets: set[Any]) -> bool:
+    from . import nfnl
+
+    if nfnl.rule_count(sock, TABLE, chain_name(network)) < 2:
+        return False
+    held = []
+    for family in families:
+        ranges = nfnl.intervals(sock, TABLE, nets_set(network, family))
+        if ranges is None:
+            return False
+        held += ranges
+    return all(any(size == subnet.max_prefixlen // 8 and first <= int(subnet.network_address)
+                   and int(subnet.broadcast_address) <= last for size, first, last in held)
+               for subnet in subnets)
+
+
+def _ready_nft(network: str, families: list[int], subnets: set[Any]) -> bool:
     listed = _listed(("chain", chain_name(network)), *(("set", nets_set(network, family)) for family in families))
     if listed is None:
         return False
@@ -208,6 +289,19 @@ def _members(network: str) -> list[tuple[int, str, str]]:
 
 
 def _delete(network: str, members: Sequence[tuple[int, str]]) -> None:
+    if _netlink_delete(network, [ipaddress.ip_address(address) for _, address in members]) == 0:
+        return
+    _nft_delete(network, members)
+
+
+def _netlink_delete(network: str, addresses: list[Any]) -> Optional[int]:
+    from . import nfnl
+
+    return _netlink(lambda: [nfnl.delete_step(TABLE, name, ips)
+                             for name, ips in _by_family(network, addresses).items()])
+
+
+def _nft_delete(network: str, members: Sequence[tuple[int, str]]) -> None:
     _nft("".join(f"delete element inet {TABLE} {pods_set(network, family)} {{ {address} }}\n"
                  for family, address in members))
 
@@ -221,12 +315,16 @@ def teardown(network: str, container_id: str, ifname: str, sources: Sequence[IPA
     if not available():
         return False
     if sources:
-        try:
-            _delete(network, [(ip.version, str(ip)) for ip in sources])
+        outcome = _netlink_delete(network, [ipaddress.ip_address(str(ip)) for ip in sources])
+        if outcome == 0:
             return True
-        except _NftFailed as err:
-            if not _absent(err):
-                raise
+        if outcome is None:
+            try:
+                _nft_delete(network, [(ip.version, str(ip)) for ip in sources])
+                return True
+            except _NftFailed as err:
+                if not _absent(err):
+                    raise
     return remove(network, masq_chain_name(network, container_id, ifname))
 
 

@@ -71,8 +71,11 @@ def test_only_the_netlink_adapter_imports_pyroute2():
 # The netlink adapter layer: the adapter itself (which alone imports pyroute2), the raw
 # rtnetlink client it drives the plugin's operations with, and the agent's extension of it
 # for the overlay (VXLAN device, FDB, neighbours), the one user of the adapter's pyroute2
-# IPRoute handle; it imports pyroute2 nowhere.
-ADAPTER_LAYER = {"cni_bridge.netlink", "cni_bridge.rtnl", "cni_bridge.agent.overlay_netlink"}
+# IPRoute handle; it imports pyroute2 nowhere. Also the nftables masquerade backend's
+# nf_tables netlink client (masq/nfnl.py), which speaks NETLINK_NETFILTER to the kernel
+# with rtnl's attribute codec and error type (no rtnetlink requests of its own).
+ADAPTER_LAYER = {"cni_bridge.netlink", "cni_bridge.rtnl", "cni_bridge.agent.overlay_netlink",
+                 "cni_bridge.masq.nfnl"}
 
 
 def uses_the_iproute_handle(path: Path) -> bool:
