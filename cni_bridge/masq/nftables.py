@@ -237,9 +237,14 @@ def _ready_netlink(sock: Any, network: str, families: list[int], subnets: set[An
 
 
 def _ready_nft(network: str, families: list[int], subnets: set[Any]) -> bool:
-    listed = _listed(("chain", chain_name(network)), *(("set", nets_set(network, family)) for family in families))
-    if listed is None:
-        return False
+    # One list per object: nft 1.0.6 fails a JSON list of the chain and both families'
+    # sets in one go ("Unknown set ... in lookup expression"), which read as "not ready".
+    listed: list[dict[str, Any]] = []
+    for obj in (("chain", chain_name(network)), *(("set", nets_set(network, family)) for family in families)):
+        found = _listed(obj)
+        if found is None:
+            return False
+        listed += found
     if sum(1 for obj in listed if "rule" in obj) < 2:
         return False
     held = [net for obj in listed if "set" in obj for net in _prefix_networks(_elements(obj))]

@@ -220,3 +220,15 @@ def test_the_kept_socket_follows_the_process_and_its_namespace(host, make_netns)
     assert out["moved"] is True and out["child"] == 0 and out["warnings"] == []
     assert listed_set(host, pods_set(NET, 4)) == {"10.98.0.5": masq_chain_name(NET, "c1", "eth0")}
     assert set(listed_set(other, pods_set(NET, 4))) == {"10.98.0.6", "10.98.0.7"}
+
+
+def test_the_nft_readiness_fallback_sees_a_dual_stack_network_ready(host):
+    # nft 1.0.6 cannot list the chain and both families' sets in one JSON command; the
+    # fallback reads them one by one, so a ready dual-stack network is not rebuilt.
+    out = run_in(host, """
+        nftables.setup(plan("c1", "10.98.0.5", "fd98::5"))
+        subnets = {ipaddress.ip_network("10.98.0.0/24"), ipaddress.ip_network("fd98::/64")}
+        out["ready"] = nftables._ready_nft(NET, [4, 6], subnets)
+        out["wider"] = nftables._ready_nft(NET, [4, 6], subnets | {ipaddress.ip_network("10.99.0.0/24")})
+    """)
+    assert out["ready"] is True and out["wider"] is False
