@@ -201,6 +201,7 @@ def warm_up() -> None:
     from ipam.plugin import IpamPlugin  # noqa: F401
 
     from . import check, masq, oplog, plugin  # noqa: F401
+    from .masq import nfnl  # noqa: F401   (imported by the first nftables masquerade step)
     from .confbase import load
     from .config import BridgeConf
     from .netlink import Netlink

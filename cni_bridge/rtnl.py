@@ -204,17 +204,24 @@ class Socket:
 
     @staticmethod
     def _raise_unless_ack(message: Message) -> None:
-        (error,) = _ERRNO.unpack_from(message.body)
-        if error == 0:
-            return
-        code = -error
-        text = os.strerror(code)
-        if message.flags & F_ACK_TLVS:
-            # After the error code, the request's header (its payload is not echoed: CAP_ACK).
-            said = as_str(attrs(message.body, _ERRNO.size + _HEADER.size).get(_NLMSGERR_ATTR_MSG))
-            if said:
-                text = f"{text}: {said}"
-        raise NetlinkError(code, text)
+        refusal = refusal_in(message.flags, message.body)
+        if refusal is not None:
+            raise refusal
+
+
+def refusal_in(flags: int, body: bytes) -> Optional[NetlinkError]:
+    """The refusal an NLMSG_ERROR message (its header flags and body) carries; None for an ACK."""
+    (error,) = _ERRNO.unpack_from(body)
+    if error == 0:
+        return None
+    code = -error
+    text = os.strerror(code)
+    if flags & F_ACK_TLVS:
+        # After the error code, the request's header (its payload is not echoed: CAP_ACK).
+        said = as_str(attrs(body, _ERRNO.size + _HEADER.size).get(_NLMSGERR_ATTR_MSG))
+        if said:
+            text = f"{text}: {said}"
+    return NetlinkError(code, text)
 
 
 # -- message bodies ------------------------------------------------------------------------

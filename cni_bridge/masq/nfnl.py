@@ -27,8 +27,8 @@ import struct
 import threading
 from typing import Callable, Iterable, Optional, Sequence, TypeVar, Union
 
-from ..rtnl import (F_ACK, F_ACK_TLVS, F_CREATE, F_DUMP, F_DUMP_INTR, F_EXCL, F_MULTI, F_REQUEST, NLMSG_DONE,
-                    NLMSG_ERROR, NetlinkError, as_str, attr, attr_nested, attr_str, attrs)
+from ..rtnl import (F_ACK, F_CREATE, F_DUMP, F_DUMP_INTR, F_EXCL, F_MULTI, F_REQUEST, NLMSG_DONE,
+                    NLMSG_ERROR, NetlinkError, as_str, attr, attr_nested, attr_str, attrs, refusal_in)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -52,10 +52,8 @@ NFT_USERDATA_MAXLEN = 256
 
 _HEADER = struct.Struct("=IHHII")      # struct nlmsghdr
 _NFGEN = struct.Struct("=BBH")         # struct nfgenmsg (res_id is big-endian: packed by hand)
-_ERRNO = struct.Struct("=i")
 _SOL_NETLINK = 270
 _NETLINK_CAP_ACK, _NETLINK_EXT_ACK = 10, 11
-_NLMSGERR_ATTR_MSG = 1
 _BUFFER = 1 << 16
 
 T = TypeVar("T")
@@ -228,18 +226,7 @@ class Socket:
             if length < _HEADER.size or offset + length > len(data):
                 raise Unexpected("a truncated netlink message")
             if kind == NLMSG_ERROR:
-                body = data[offset + _HEADER.size:offset + length]
-                (error,) = _ERRNO.unpack_from(body)
-                refusal = None
-                if error:
-                    code = -error
-                    text = os.strerror(code)
-                    if flags & F_ACK_TLVS:
-                        said = as_str(attrs(body, _ERRNO.size + _HEADER.size).get(_NLMSGERR_ATTR_MSG))
-                        if said:
-                            text = f"{text}: {said}"
-                    refusal = NetlinkError(code, text)
-                found.append((seq, refusal))
+                found.append((seq, refusal_in(flags, data[offset + _HEADER.size:offset + length])))
             offset += (length + 3) & ~3
         return found
 
