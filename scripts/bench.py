@@ -995,11 +995,19 @@ def soak(bench: Bench, daemon: "DaemonProcess", plugin: str, conf: dict, netns: 
         time.sleep(0.5)   # let the worker that answered close the connection first
         return daemon_footprint(daemon)
 
+    # A worker is replaced after MAX_REQUESTS_PER_WORKER calls: the cycles during which the
+    # set of workers changed show what a replacement costs the call that meets it.
+    workers = set(daemon.pids()[1:])
+    replaced_during: list[int] = []
     for i in range(count):
         started = time.perf_counter()
         bench.call(plugin, "ADD", conf, f"soak{i}", netns)
         bench.call(plugin, "DEL", conf, f"soak{i}", netns)
         times.append(time.perf_counter() - started)
+        now = set(daemon.pids()[1:])
+        if now != workers:
+            replaced_during.append(i)
+            workers = now
         if i + 1 in (min(100, count), 1000, count // 2) and i + 1 < count:
             samples[i + 1] = sample()
         if (i + 1) % 1000 == 0:
@@ -1007,12 +1015,18 @@ def soak(bench: Bench, daemon: "DaemonProcess", plugin: str, conf: dict, netns: 
     samples[count] = sample()
     early, late = samples[min(100, count)], samples[count]
     ordered = sorted(times)
+    # The cycle a replacement was seen after, and the one after it (a respawn can finish late).
+    near = sorted({j for i in replaced_during for j in (i, i + 1) if j < count})
     return {"cycles": count, "early": early, "late": late, "samples": samples, "median_s": statistics.median(times),
             "p99_s": ordered[int(0.99 * (len(ordered) - 1))], "max_s": ordered[-1],
-            "slowest_at": times.index(ordered[-1]) + 1}
+            "slowest_at": times.index(ordered[-1]) + 1, "replacements": len(replaced_during),
+            "near_replacement_median_s": statistics.median([times[j] for j in near]) if near else None,
+            "near_replacement_max_s": max((times[j] for j in near), default=None)}
 
 
 def soak_table(result: dict) -> tuple[str, list[str]]:
+    from cni_bridge.daemon import MAX_REQUESTS_PER_WORKER
+
     early, late = result["early"], result["late"]
     points = sorted(result["samples"])
     rows = [
@@ -1031,6 +1045,15 @@ def soak_table(result: dict) -> tuple[str, list[str]]:
         f"memory within 10% of after the first 100 cycles: {'met' if memory_ok else 'NOT met'}; "
         f"no fd growth: {'met' if late['fds'] <= early['fds'] else 'NOT met'}",
     ]
+    if result.get("replacements"):
+        near_median, near_max = result["near_replacement_median_s"], result["near_replacement_max_s"]
+        spike = near_max > result["p99_s"]
+        verdicts.append(
+            f"workers replaced (every {MAX_REQUESTS_PER_WORKER:,} calls each): {result['replacements']}; cycles "
+            f"next to a replacement: median {near_median * 1000:.1f} ms, slowest {near_max * 1000:.1f} ms "
+            f"(vs the 99th percentile of all: {'above it, a visible spike' if spike else 'within it, no visible spike'})")
+    else:
+        verdicts.append("workers replaced: none during the soak")
     return table(["measure"] + [f"after {n:,} cycles" for n in points] + ["end vs 100"], rows), verdicts
 
 
