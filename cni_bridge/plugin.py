@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Any, Callable
 
 from . import ipam_client, masq, sysctl
@@ -32,6 +33,26 @@ def _quietly(action: Callable[..., Any], *args: Any) -> Callable[[], None]:
         except Exception as exc:  # rollback must go on with the next step
             log.warning("rollback step %s failed: %s", getattr(action, "__name__", action), exc)
     return run
+
+
+class _Background:
+    """Run `action` in a thread at once; `join` waits and raises what it raised."""
+
+    def __init__(self, action: Callable[[], Any]) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(action,), name="cni-bridge-del", daemon=True)
+        self._thread.start()
+
+    def _run(self, action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except BaseException as exc:   # handed to join(), in the calling thread
+            self._error = exc
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class BridgePlugin:
@@ -163,33 +184,51 @@ class BridgePlugin:
 
         sources: list = []   # the pod's addresses, read before its link goes (masquerade cleanup)
         removed: list[bool] = []
+        sources_read = threading.Event()
+        unlinking = None
         if cmd.netns:
-            step(lambda: removed.append(self._delete_container_link(cmd.netns, cmd.ifname, conf.ip_masq, sources)))
+            # The kernel holds the link's RTM_DELLINK for an RCU grace period (~15-20 ms),
+            # with the GIL let go: IPAM and masquerade are undone meanwhile (the reference
+            # releases IPAM before it deletes the link), so DEL costs the longest, not all.
+            unlinking = _Background(lambda: removed.append(
+                self._delete_container_link(cmd.netns, cmd.ifname, conf.ip_masq, sources, sources_read.set)))
+        else:
+            sources_read.set()
+        step(lambda: ipam_client.delete(req))
+        point("del.ipam-released")
+        if conf.ip_masq:
+            sources_read.wait()
+            step(lambda: masq.teardown(conf.name, cmd.container_id, cmd.ifname, conf.ip_masq_backend,
+                                       tuple(sources)))
+            point("del.masq-removed")
+        if unlinking is not None:
+            step(unlinking.join)
             point("del.container-link-removed")
         if not any(removed):
             # The pod's link took its host end with it; without one, a crashed ADD may have left it.
             step(lambda: self._delete_host_veth(cmd.container_id, cmd.ifname))
         point("del.host-veth-removed")
-        step(lambda: ipam_client.delete(req))
-        point("del.ipam-released")
-        if conf.ip_masq:
-            step(lambda: masq.teardown(conf.name, cmd.container_id, cmd.ifname, conf.ip_masq_backend,
-                                       tuple(sources)))
-            point("del.masq-removed")
         if errors:
             raise errors[0]
 
-    def _delete_container_link(self, netns: str, ifname: str, read_addresses: bool, addresses: list[Any]) -> bool:
+    def _delete_container_link(self, netns: str, ifname: str, read_addresses: bool, addresses: list[Any],
+                               on_read: Callable[[], None]) -> bool:
         """Delete the pod's interface; True if there was one. Its addresses (when asked
-        for) are appended to `addresses` first."""
+        for) are appended to `addresses` first, and `on_read` is called once they are
+        (or once there is nothing to read)."""
         try:
-            container = self.netlink(netns)
-        except CNIError:
-            return False  # the netns is already gone, and the veth with it
-        with container:
-            if read_addresses:
-                addresses += [address.ip for address in container.addresses(ifname) if not address.ip.is_link_local]
-            return container.delete_link(ifname)
+            try:
+                container = self.netlink(netns)
+            except CNIError:
+                return False  # the netns is already gone, and the veth with it
+            with container:
+                if read_addresses:
+                    addresses += [address.ip for address in container.addresses(ifname)
+                                  if not address.ip.is_link_local]
+                on_read()
+                return container.delete_link(ifname)
+        finally:
+            on_read()
 
     def _delete_host_veth(self, container_id: str, ifname: str) -> None:
         # Normally gone with its peer; a crashed ADD can leave the host end alone.

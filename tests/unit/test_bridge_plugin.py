@@ -412,6 +412,38 @@ def test_del_reports_an_ipam_failure_after_doing_the_rest(plugin, kernel, host, 
     assert reservations(tmp_path) == []
 
 
+def test_del_undoes_ipam_and_masquerade_even_when_the_kernel_refuses_the_link(plugin, kernel, host, config,
+                                                                                tmp_path, monkeypatch):
+    """The pod's link is deleted in a second thread while IPAM and masquerade are undone:
+    its failure reaches the caller, after the rest is done, as before."""
+    config.update(ipMasq=True, ipMasqBackend="nftables")
+    add(plugin, config)
+    real_delete = FakeNetlink.delete_link
+
+    def refuse(self, name):
+        if self.netns == NETNS:
+            raise CNIError(Code.KERNEL_REFUSED, "the kernel refused to delete the link")
+        return real_delete(self, name)
+
+    monkeypatch.setattr(FakeNetlink, "delete_link", refuse)
+    with pytest.raises(CNIError) as info:
+        verb(plugin, "DEL", config)
+    assert info.value.code == Code.KERNEL_REFUSED
+    assert reservations(tmp_path) == []
+    assert host.teardown_sources == [("nftables", (ip("10.22.0.2"),))]   # read before the attempt
+    assert kernel.open_handles() == []
+
+
+def test_del_hands_an_unexpected_error_of_the_link_thread_to_the_caller(plugin, kernel, host, config,
+                                                                        tmp_path, monkeypatch):
+    add(plugin, config)
+    monkeypatch.setattr(FakeNetlink, "delete_link", lambda self, name: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        verb(plugin, "DEL", config)
+    assert reservations(tmp_path) == []        # IPAM ran meanwhile
+    assert kernel.open_handles() == []
+
+
 # -- CHECK ----------------------------------------------------------------------------------
 
 @pytest.fixture
