@@ -69,10 +69,11 @@ from .protocol.runner import write_error
 
 log = logging.getLogger("cni-bridge.daemon")
 
-# Much of a call is spent asleep in the kernel (a veth's deletion waits ~15 ms for RCU, fsyncs),
-# not on a CPU: with 2 per CPU a 40-pod burst of DELs queued behind 4 sleeping workers. Each
-# worker costs ~8-12 MiB of private memory once warm, hence the cap (docs/performance.md).
-DEFAULT_WORKERS = max(4, min(8, 4 * (os.cpu_count() or 1)))
+# Much of a call is spent asleep in the kernel (a veth's deletion waits ~15-20 ms for RCU, fsyncs),
+# not on a CPU: with 8 workers a 40-pod burst of DELs still queued behind sleeping ones. Each
+# worker costs ~5-7 MiB of private memory once warm (no pyroute2 on the plugin's path since
+# cni_bridge/rtnl.py), so 16 hold ~105-125 MiB PSS in all; hence the cap (docs/performance.md).
+DEFAULT_WORKERS = max(8, min(16, 8 * (os.cpu_count() or 1)))
 REQUEST_TIMEOUT = 60.0      # seconds a call may run before it fails with code 11
 HARD_LIMIT_GRACE = 15.0     # after that, the supervisor kills a worker that is still busy
 # The client must learn the outcome (an answer, or a killed worker's closed
