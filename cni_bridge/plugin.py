@@ -96,6 +96,7 @@ class BridgePlugin:
                         raise
                     host.add_veth(plan.host_veth, cmd.ifname, cmd.netns, plan.mtu, plan.mac)
                 point("add.veth-created")
+                sysctl.keep_ipv6_off_port(plan.host_veth)
                 host.attach(plan.host_veth, plan.bridge, plan.hairpin)
                 point("add.veth-attached")
 

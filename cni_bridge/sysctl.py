@@ -65,3 +65,12 @@ def refuse_router_advertisements(bridge: str) -> None:
     Router Advertisement and set the host's IPv6 default route through itself. Without
     IPv6 there is no such file and nothing to refuse."""
     set_link(6, bridge, "accept_ra", "0", required=False)
+
+
+def keep_ipv6_off_port(port: str) -> None:
+    """disable_ipv6=1 on a bridge port (a pod's host-side veth) before it comes up. A port
+    only forwards frames; with IPv6 on, each one gets a link-local address and its route,
+    sends DAD and MLD packets, and every link event on the node then walks those routes
+    too, which made one more pod's cycle grow with the pods present. The pod's end, and
+    the bridge (the gateway), keep IPv6."""
+    set_link(6, port, "disable_ipv6", "1", required=False)

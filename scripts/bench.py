@@ -448,6 +448,9 @@ def main() -> int:
                         help="pods attached for the scale table (comma-separated; empty: skip it)")
     parser.add_argument("--scale-cycles", type=int, default=10, help="cycles per level of the scale table")
     parser.add_argument("--scale-window", type=int, default=40, help="ADDs in flight while attaching")
+    parser.add_argument("--scale-settle", type=float, default=5.0,
+                        help="seconds to wait after attaching before the level's cycles (a burst of new "
+                             "links keeps the kernel busy for a while: IPv6 DAD, MLD, router solicitations)")
     parser.add_argument("--soak", type=int, default=10000, help="ADD+DEL cycles of the soak (0: skip it)")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args()
@@ -728,7 +731,7 @@ def main() -> int:
                  bridge_conf("bench-scale", "brsc", "10.210.0.0/21", work / "ipam-scale", True, "", "nftables")),
                 ("reference bridge + host-local (iptables)", "bridge",
                  reference_conf("bench-scale-ref", "brsr", "10.211.0.0/21", work / "ipam-scale", True)),
-            ], levels, args.scale_cycles, args.scale_window, bin_dir)
+            ], levels, args.scale_cycles, args.scale_window, bin_dir, args.scale_settle)
             results["scale"] = runs
             scale_out = scale_table(runs, levels, args.scale_window)
 
@@ -914,7 +917,7 @@ class ScaleNode:
 
 
 def scale_runs(bench: Bench, namespaces: Namespaces, stack: ExitStack, variants: list[tuple[str, str, dict]],
-               levels: list[int], cycles: int, window: int, daemon_bin: Path) -> list[dict]:
+               levels: list[int], cycles: int, window: int, daemon_bin: Path, settle: float = 0.0) -> list[dict]:
     """Per variant, a node that fills up level by level and an empty node beside it. At each
     level the cycles of all of them are interleaved, so machine load hits them alike: the
     ratio to the empty node is the cost of the pods present, not of the minute measured."""
@@ -928,6 +931,7 @@ def scale_runs(bench: Bench, namespaces: Namespaces, stack: ExitStack, variants:
     for level in levels:
         for node in nodes:
             node["attach_s"] += node["full"].attach_up_to(level, window)
+        time.sleep(settle)   # the same for every variant: the steady state is what is measured
         samples: dict[tuple[int, str], list[float]] = {}
         for i in range(-1, cycles):
             for n, node in enumerate(nodes):

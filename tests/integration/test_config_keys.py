@@ -353,3 +353,18 @@ def test_unknown_cni_args_need_ignore_unknown(cni, pod):
     assert_nothing_left(cni)
     cni.add(conf, "c1", pod, cni_args="IgnoreUnknown=1;FOO=bar;K8S_POD_NAME=x")
     assert link(pod, "eth0") is not None
+
+
+def test_bridge_ports_have_ipv6_off_and_pods_still_talk_ipv6(cni, make_netns):
+    # A port forwards frames; with IPv6 on, each one would hold a link-local address and
+    # route, and every link event on a busy node walked them all.
+    conf = bridge_conf(cni, "10.77.0.0/24", "fd77::/64", isDefaultGateway=True)
+    p1, p2 = make_netns("p"), make_netns("p")
+    r1, r2 = cni.add(conf, "c1", p1), cni.add(conf, "c2", p2)
+    for result in (r1, r2):
+        port = host_veth(result)
+        assert sysfs(cni.ns, f"/proc/sys/net/ipv6/conf/{port}/disable_ipv6") == "1"
+        assert "inet6" not in cni.ns.exec("ip", "-6", "addr", "show", "dev", port).stdout   # not even fe80::
+    assert addresses(cni.ns, conf["bridge"], 6) == ["fd77::1/64"]     # the gateway keeps IPv6
+    assert ping(p1, "fd77::3", 6).returncode == 0                     # pod to pod, bridged
+    assert ping(p1, "fd77::1", 6).returncode == 0                     # pod to its gateway

@@ -35,6 +35,7 @@ class HostEffects:
     def __init__(self) -> None:
         self.forwarding: list[tuple[int, ...]] = []
         self.accept_ra_refused: list[str] = []
+        self.ipv6_off_ports: list[str] = []
         self.masq_setup: list = []
         self.masq_teardown: list[tuple[str, str, str]] = []
         self.rules: set[tuple[str, str, str]] = set()   # (network, cid, ifname) of installed chains
@@ -52,6 +53,9 @@ class HostEffects:
 
     def refuse_router_advertisements(self, bridge):
         self.accept_ra_refused.append(bridge)
+
+    def keep_ipv6_off_port(self, port):
+        self.ipv6_off_ports.append(port)
 
     def setup(self, plan):
         self.masq_setup.append(plan)
@@ -83,6 +87,7 @@ def host(monkeypatch) -> HostEffects:
     effects = HostEffects()
     monkeypatch.setattr(sysctl, "enable_forwarding", effects.enable_forwarding)
     monkeypatch.setattr(sysctl, "refuse_router_advertisements", effects.refuse_router_advertisements)
+    monkeypatch.setattr(sysctl, "keep_ipv6_off_port", effects.keep_ipv6_off_port)
     monkeypatch.setattr(masq, "setup", effects.setup)
     monkeypatch.setattr(masq, "teardown", effects.teardown)
     monkeypatch.setattr(masq, "attachments", effects.attachments)
