@@ -216,7 +216,7 @@ class Netlink:
         if msg is None:
             self._seen.pop(name, None)
             return None
-        link = self._seen[name] = _link(rtnl.parse_link(msg))
+        link = self._seen[name] = _link(msg)
         return link
 
     def known_link(self, name: str) -> Optional[Link]:
@@ -227,7 +227,7 @@ class Netlink:
     def links(self) -> list[Link]:
         """Every link of the namespace, in one dump (for read-only views such as `inspect`)."""
         body = rtnl.ifinfo() + rtnl.attr_u32(rtnl.IFLA_EXT_MASK, rtnl.RTEXT_FILTER_SKIP_STATS)
-        return [_link(rtnl.parse_link(msg)) for msg in self.rt.dump(rtnl.RTM_GETLINK, body)
+        return [_link(msg) for msg in self.rt.dump(rtnl.RTM_GETLINK, body)
                 if msg.kind == rtnl.RTM_NEWLINK]
 
     def _to_link(self, msg: Any) -> Link:
@@ -508,10 +508,17 @@ class Netlink:
                 raise
 
 
-def _link(msg: "rtnl.LinkMessage") -> Link:
-    return Link(index=msg.index, name=msg.name, kind=msg.kind, mac=msg.mac.lower(), mtu=msg.mtu,
-                master=msg.master, up=bool(msg.flags & rtnl.IFF_UP), promisc=bool(msg.flags & rtnl.IFF_PROMISC),
-                hairpin=msg.hairpin)
+def _link(msg: rtnl.Message) -> Link:
+    """A Link from an RTM_NEWLINK message."""
+    _family, _type, index, flags, _change = rtnl.IFINFO.unpack_from(msg.body)
+    found = rtnl.attrs(msg.body, rtnl.IFINFO.size)
+    info = rtnl.attrs(found[rtnl.IFLA_LINKINFO]) if rtnl.IFLA_LINKINFO in found else {}
+    protinfo = rtnl.attrs(found[rtnl.IFLA_PROTINFO]) if rtnl.IFLA_PROTINFO in found else {}
+    mode = protinfo.get(rtnl.IFLA_BRPORT_MODE)
+    return Link(index=index, name=rtnl.as_str(found.get(rtnl.IFLA_IFNAME)),
+                kind=rtnl.as_str(info.get(rtnl.IFLA_INFO_KIND)), mac=rtnl.as_mac(found.get(rtnl.IFLA_ADDRESS)),
+                mtu=rtnl.as_u32(found.get(rtnl.IFLA_MTU)), master=rtnl.as_u32(found.get(rtnl.IFLA_MASTER)),
+                up=bool(flags & rtnl.IFF_UP), promisc=bool(flags & rtnl.IFF_PROMISC), hairpin=bool(mode and mode[0]))
 
 
 # -- a cheap read for views over many namespaces ------------------------------------------
@@ -532,4 +539,4 @@ def link_mac(netns: str, ifname: str) -> Optional[str]:
         return None   # no such link (or no answer)
     finally:
         sock.close()
-    return rtnl.parse_link(msg).mac or None if msg is not None else None
+    return _link(msg).mac or None if msg is not None else None

@@ -9,6 +9,7 @@ the per-pod path, still uses pyroute2 for VXLAN, FDB and neighbour entries.)
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
@@ -87,17 +88,20 @@ def attr_nested(kind: int, *children: bytes) -> bytes:
     return attr(kind | NLA_F_NESTED, b"".join(children))
 
 
-def attrs(data: bytes, offset: int = 0, end: Optional[int] = None) -> dict[int, bytes]:
-    """The attributes in data[offset:end], by type (flags masked off); the last wins."""
-    found: dict[int, bytes] = {}
+def each_attr(data: bytes, offset: int = 0, end: Optional[int] = None) -> Iterator[tuple[int, bytes]]:
+    """(type with flags masked off, payload) of each attribute in data[offset:end], in order."""
     end = len(data) if end is None else end
     while offset + _ATTR.size <= end:
         size, kind = _ATTR.unpack_from(data, offset)
         if size < _ATTR.size or offset + size > end:
-            break
-        found[kind & NLA_TYPE_MASK] = data[offset + _ATTR.size:offset + size]
+            return
+        yield kind & NLA_TYPE_MASK, data[offset + _ATTR.size:offset + size]
         offset += (size + 3) & ~3
-    return found
+
+
+def attrs(data: bytes, offset: int = 0, end: Optional[int] = None) -> dict[int, bytes]:
+    """The attributes in data[offset:end], by type (flags masked off); the last wins."""
+    return dict(each_attr(data, offset, end))
 
 
 def as_str(payload: Optional[bytes]) -> str:
@@ -127,7 +131,8 @@ class Message:
 
 @dataclass
 class Socket:
-    """One NETLINK_ROUTE socket (made by the caller, so it can live in another netns).
+    """One netlink socket (NETLINK_ROUTE unless the caller makes another kind; made by the
+    caller, so it can live in another netns).
 
     Not subscribed to any multicast group: it sees only the answers to its own requests."""
     sock: socket.socket
@@ -178,12 +183,16 @@ class Socket:
                 found.append(message)
             if not interrupted:
                 return found
-        return found
+        raise OSError(errno.EINTR, "the kernel interrupted the dump five times (the table kept changing)")
+
+    def next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
 
     def _send(self, kind: int, body: bytes, flags: int) -> int:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        self.sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags | F_REQUEST, self._seq, 0) + body)
-        return self._seq
+        seq = self.next_seq()
+        self.sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags | F_REQUEST, seq, 0) + body)
+        return seq
 
     def _receive(self, seq: int) -> Iterator[Message]:
         """The messages answering request `seq`, until its last one (an answer to an
@@ -194,8 +203,8 @@ class Socket:
             offset = 0
             while offset + _HEADER.size <= size:
                 length, kind, flags, msg_seq, _ = _HEADER.unpack_from(data, offset)
-                if length < _HEADER.size:
-                    break
+                if length < _HEADER.size or offset + length > size:
+                    raise OSError(errno.EMSGSIZE, "a truncated netlink message")
                 if msg_seq == seq:
                     yield Message(kind, flags, data[offset + _HEADER.size:offset + length])
                     if kind in (NLMSG_ERROR, NLMSG_DONE) or not flags & F_MULTI:
@@ -228,30 +237,6 @@ def refusal_in(flags: int, body: bytes) -> Optional[NetlinkError]:
 
 def ifinfo(index: int = 0, flags: int = 0, change: int = 0, family: int = 0) -> bytes:
     return IFINFO.pack(family, 0, index, flags, change)
-
-
-@dataclass(frozen=True)
-class LinkMessage:
-    index: int
-    flags: int
-    name: str
-    kind: str
-    mac: str
-    mtu: int
-    master: int
-    hairpin: bool
-
-
-def parse_link(message: Message) -> LinkMessage:
-    _family, _type, index, flags, _change = IFINFO.unpack_from(message.body)
-    found = attrs(message.body, IFINFO.size)
-    info = attrs(found[IFLA_LINKINFO]) if IFLA_LINKINFO in found else {}
-    protinfo = attrs(found[IFLA_PROTINFO]) if IFLA_PROTINFO in found else {}
-    mode = protinfo.get(IFLA_BRPORT_MODE)
-    return LinkMessage(index=index, flags=flags, name=as_str(found.get(IFLA_IFNAME)),
-                       kind=as_str(info.get(IFLA_INFO_KIND)), mac=as_mac(found.get(IFLA_ADDRESS)),
-                       mtu=as_u32(found.get(IFLA_MTU)), master=as_u32(found.get(IFLA_MASTER)),
-                       hairpin=bool(mode and mode[0]))
 
 
 @dataclass(frozen=True)

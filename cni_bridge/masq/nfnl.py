@@ -27,8 +27,9 @@ import struct
 import threading
 from typing import Callable, Iterable, Optional, Sequence, TypeVar, Union
 
-from ..rtnl import (F_ACK, F_CREATE, F_DUMP, F_DUMP_INTR, F_EXCL, F_MULTI, F_REQUEST, NLMSG_DONE,
-                    NLMSG_ERROR, NetlinkError, as_str, attr, attr_nested, attr_str, attrs, refusal_in)
+from .. import rtnl
+from ..rtnl import (F_ACK, F_CREATE, F_EXCL, F_REQUEST, NLMSG_ERROR, NetlinkError, as_str, attr, attr_nested,
+                    attr_str, attrs, each_attr, refusal_in)
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -52,9 +53,6 @@ NFT_USERDATA_MAXLEN = 256
 
 _HEADER = struct.Struct("=IHHII")      # struct nlmsghdr
 _NFGEN = struct.Struct("=BBH")         # struct nfgenmsg (res_id is big-endian: packed by hand)
-_SOL_NETLINK = 270
-_NETLINK_CAP_ACK, _NETLINK_EXT_ACK = 10, 11
-_BUFFER = 1 << 16
 
 T = TypeVar("T")
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -118,37 +116,29 @@ def delete_step(table: str, set_name: str, addresses: Sequence[Address]) -> Step
 
 # -- the socket ----------------------------------------------------------------------------------
 
-class Socket:
-    """One NETLINK_NETFILTER socket; `batch` sends one transaction and reads its answers."""
+class Socket(rtnl.Socket):
+    """One NETLINK_NETFILTER socket, on the rtnetlink client's request and dump plumbing;
+    `batch` sends one transaction and reads its answers."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-        for option in (_NETLINK_CAP_ACK, _NETLINK_EXT_ACK):
-            try:
-                self.sock.setsockopt(_SOL_NETLINK, option, 1)
-            except OSError:
-                pass
-        self.sock.bind((0, 0))
-        self._seq = 0
-        self._buffer = bytearray(_BUFFER)
-
-    def close(self) -> None:
-        self.sock.close()
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        sock.bind((0, 0))
+        super().__init__(sock)
 
     def batch(self, steps: Sequence[Step]) -> None:
         """Apply the steps as one transaction. A refusal raises NetlinkError (the first
         failing step's errno and the kernel's text); nothing of the batch is applied."""
         self._drain()   # answers to an abandoned earlier call, if any
-        begin = self._next()
+        begin = self.next_seq()
         messages = [_HEADER.pack(_HEADER.size + _NFGEN.size, NFNL_MSG_BATCH_BEGIN, F_REQUEST, begin, 0)
                     + _nfgen(NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES)]
         waiting: set[int] = set()
         for kind, flags, body in steps:
-            seq = self._next()
+            seq = self.next_seq()
             waiting.add(seq)
             messages.append(_HEADER.pack(_HEADER.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | kind,
                                          F_REQUEST | F_ACK | flags, seq, 0) + body)
-        end = self._next()
+        end = self.next_seq()
         messages.append(_HEADER.pack(_HEADER.size + _NFGEN.size, NFNL_MSG_BATCH_END, F_REQUEST, end, 0)
                         + _nfgen(NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES))
         self.sock.send(b"".join(messages))
@@ -171,43 +161,9 @@ class Socket:
         if waiting:
             raise Unexpected(f"nf_tables answered {len(steps) - len(waiting)} of {len(steps)} batch messages")
 
-    def dump(self, kind: int, body: bytes) -> list[bytes]:
-        """The bodies (after the nfgenmsg) of every message a GET dump answers. Retried
-        when the kernel marks it interrupted (the ruleset changed while it was read)."""
-        for _ in range(5):
-            self._drain()
-            seq = self._next()
-            self.sock.send(_HEADER.pack(_HEADER.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | kind,
-                                        F_REQUEST | F_DUMP, seq, 0) + body)
-            found, interrupted, done = [], False, False
-            while not done:
-                size = self.sock.recv_into(self._buffer)
-                data = bytes(self._buffer[:size])
-                offset = 0
-                while offset + _HEADER.size <= size and not done:
-                    length, msg_kind, flags, msg_seq, _ = _HEADER.unpack_from(data, offset)
-                    if length < _HEADER.size or offset + length > size:
-                        raise Unexpected("a truncated netlink message")
-                    if msg_seq == seq:
-                        interrupted |= bool(flags & F_DUMP_INTR)
-                        if msg_kind == NLMSG_ERROR:
-                            for _, refusal in self._errors(data[offset:offset + length]):
-                                if refusal is not None:
-                                    raise refusal
-                            done = True
-                        elif msg_kind == NLMSG_DONE:
-                            done = True
-                        else:
-                            found.append(data[offset + _HEADER.size + _NFGEN.size:offset + length])
-                            done = not flags & F_MULTI
-                    offset += (length + 3) & ~3
-            if not interrupted:
-                return found
-        raise Unexpected("nf_tables dump interrupted five times")
-
-    def _next(self) -> int:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        return self._seq
+    def dump_nft(self, kind: int, body: bytes) -> list[bytes]:
+        """The bodies (after the nfgenmsg) of every message an nf_tables GET dump answers."""
+        return [message.body[_NFGEN.size:] for message in self.dump((NFNL_SUBSYS_NFTABLES << 8) | kind, body)]
 
     def _drain(self) -> None:
         while True:
@@ -237,7 +193,7 @@ def rule_count(sock: Socket, table: str, chain: str) -> int:
     """How many rules the chain holds (0 when it or its table does not exist)."""
     body = _nfgen(NFPROTO_INET) + attr_str(NFTA_RULE_TABLE, table) + attr_str(NFTA_RULE_CHAIN, chain)
     try:
-        return len(sock.dump(NFT_MSG_GETRULE, body))
+        return len(sock.dump_nft(NFT_MSG_GETRULE, body))
     except NetlinkError as err:
         if err.errno == errno.ENOENT:
             return 0
@@ -249,7 +205,7 @@ def intervals(sock: Socket, table: str, set_name: str) -> Optional[list[tuple[in
     ranges merged; None when the set or its table does not exist."""
     body = _nfgen(NFPROTO_INET) + attr_str(NFTA_SET_ELEM_LIST_TABLE, table) + attr_str(NFTA_SET_ELEM_LIST_SET, set_name)
     try:
-        replies = sock.dump(NFT_MSG_GETSETELEM, body)
+        replies = sock.dump_nft(NFT_MSG_GETSETELEM, body)
     except NetlinkError as err:
         if err.errno == errno.ENOENT:
             return None
@@ -290,13 +246,7 @@ def intervals(sock: Socket, table: str, set_name: str) -> Optional[list[tuple[in
 
 def _each(nested: bytes) -> Iterable[bytes]:
     """The payloads of a list of attributes (NFTA_LIST_ELEM ...), in order."""
-    offset = 0
-    while offset + 4 <= len(nested):
-        size = struct.unpack_from("=H", nested, offset)[0]
-        if size < 4 or offset + size > len(nested):
-            break
-        yield nested[offset + 4:offset + size]
-        offset += (size + 3) & ~3
+    return (payload for _, payload in each_attr(nested))
 
 
 # One socket per process, for one network namespace: daemon workers are long-lived

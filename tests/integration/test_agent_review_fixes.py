@@ -7,7 +7,6 @@ kubelet would; a pod netns so the bridge and its gateway are the plugin's own.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -17,13 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.support.netns import VENV_BIN, CniHost, Netns, make_cni_path, unique
+from tests.support.peers import agent_env
 
 AGENT = VENV_BIN / "cni-bridge"
 CLUSTER_CIDR = "10.244.0.0/16"
-
-
-def _clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
 
 
 @dataclass
@@ -41,7 +37,7 @@ class AgentNode:
                 "--bridge", self.bridge, "--no-portmap", *extra]
 
     def agent_once(self) -> subprocess.CompletedProcess:
-        return self.ns.exec(*self.argv("--once"), check=False, env=_clean_env())
+        return self.ns.exec(*self.argv("--once"), check=False, env=agent_env())
 
     def write_topology(self, own_cidr: str, cluster: str = CLUSTER_CIDR,
                        peers=(("n2", "10.251.0.2", "10.244.2.0/24"),)) -> None:
@@ -52,7 +48,7 @@ class AgentNode:
     def start_agent(self, resync: float) -> subprocess.Popen:
         """The agent's resync loop (no --once); the caller stops it with stop_agent."""
         return subprocess.Popen(["ip", "netns", "exec", self.ns.name, *self.argv("--resync", str(resync))],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_clean_env())
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=agent_env())
 
     def conflist(self) -> dict:
         return json.loads((self.conf_dir / "10-cni-bridge.conflist").read_text())
@@ -235,7 +231,7 @@ def test_kubernetes_once_reports_a_refused_list_in_one_line(make_netns, tmp_path
         }))
         res = ns.exec(str(AGENT), "agent", "--node", "n1", "--cluster-cidr", CLUSTER_CIDR, "--once",
                       "--kubeconfig", str(kubeconfig), "--conf-dir", str(tmp_path / "net.d"),
-                      check=False, env={k: v for k, v in _clean_env().items() if not k.startswith("KUBE")})
+                      check=False, env={k: v for k, v in agent_env().items() if not k.startswith("KUBE")})
     finally:
         api.kill()
         api.communicate()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.netns import VENV_BIN, CniHost, Netns, make_cni_path, unique
+from tests.support.peers import PEER_ECHO_CLIENT, PEER_ECHO_SERVER, agent_env
 from tests.support.reliability import is_ip
 
 CLUSTER_CIDR = "10.244.0.0/16"
@@ -28,25 +28,6 @@ OUTSIDE_IP = "10.250.0.100"
 NETWORK = "cni-bridge"          # the agent's default network name
 PORT = 8080
 AGENT = VENV_BIN / "cni-bridge"
-
-# Accepts connections forever and answers each with the peer address it saw.
-SERVER = """
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(16)
-print("ready", flush=True)
-while True:
-    c, peer = s.accept()
-    c.sendall(peer[0].encode())
-    c.close()
-"""
-CLIENT = """
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-print(c.recv(100).decode())
-"""
 
 
 @dataclass
@@ -64,7 +45,7 @@ class Node:
         argv = [str(AGENT), "agent", "--node", self.name, "--topology", str(topology), "--once",
                 "--conf-dir", str(self.conf_dir), "--ipam-data-dir", str(self.data_dir),
                 "--bridge", self.bridge, *extra]
-        return self.ns.exec(*argv, check=False, env=_clean_env())
+        return self.ns.exec(*argv, check=False, env=agent_env())
 
     def conflist(self) -> dict:
         return json.loads((self.conf_dir / "10-cni-bridge.conflist").read_text())
@@ -103,10 +84,6 @@ class Cluster:
     servers: list[subprocess.Popen] = field(default_factory=list)
 
 
-def _clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
-
-
 def _plug(underlay: Netns, bridge: str, ns: Netns, address: str) -> None:
     """A veth from the underlay bridge to eth0 in `ns`, holding `address`."""
     port = unique("u")
@@ -135,14 +112,14 @@ def _run_conflist(pod: Pod, verb: str) -> None:
 
 
 def _serve(cluster: Cluster, ns: Netns) -> None:
-    proc = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", SERVER, str(PORT)],
+    proc = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", PEER_ECHO_SERVER, str(PORT)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cluster.servers.append(proc)
     assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
 
 
 def _connect(ns: Netns, address: str) -> str:
-    proc = ns.exec(sys.executable, "-c", CLIENT, address, str(PORT), check=False, timeout=15)
+    proc = ns.exec(sys.executable, "-c", PEER_ECHO_CLIENT, address, str(PORT), check=False, timeout=15)
     assert proc.returncode == 0, f"no TCP connection from {ns.name} to {address}: {proc.stderr}"
     return proc.stdout.strip()
 

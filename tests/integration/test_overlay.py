@@ -18,7 +18,6 @@ own namespace, so the default device name and UDP port are used everywhere.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from typing import Callable
 import pytest
 
 from tests.support.netns import VENV_BIN, CniHost, Netns, make_cni_path, unique
+from tests.support.peers import PEER_ECHO_CLIENT, PEER_ECHO_SERVER, agent_env
 
 CLUSTER_CIDRS = "10.244.0.0/16,fd00:10:244::/56"
 SUBNETS = {"A": "10.253.1", "B": "10.253.2", "C": "10.253.3"}
@@ -37,26 +37,6 @@ LAYOUT = [("node-1", "A", 11), ("node-2", "A", 12), ("node-3", "B", 13), ("node-
 PORT = 8080
 AGENT = VENV_BIN / "cni-bridge"
 VXLAN = "cni-vxlan"
-
-# Dual-stack: accepts IPv4 (as ::ffff:a.b.c.d) and IPv6; answers with the peer address it saw.
-SERVER = """
-import socket, sys
-s = socket.socket(socket.AF_INET6)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind(("::", int(sys.argv[1])))
-s.listen(16)
-print("ready", flush=True)
-while True:
-    c, peer = s.accept()
-    c.sendall(peer[0].removeprefix("::ffff:").encode())
-    c.close()
-"""
-CLIENT = """
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-print(c.recv(100).decode())
-"""
 
 
 @dataclass
@@ -72,7 +52,7 @@ class Node:
     host: CniHost
 
     def agent(self, topology: Path, *extra: str) -> subprocess.CompletedProcess:
-        return self.ns.exec(*self.agent_argv(topology, *extra), check=False, env=_clean_env())
+        return self.ns.exec(*self.agent_argv(topology, *extra), check=False, env=agent_env())
 
     def agent_argv(self, topology: Path, *extra: str) -> list[str]:
         portmap = () if (self.host.cni_path / "portmap").exists() else ("--no-portmap",)
@@ -132,10 +112,6 @@ class Cluster:
                 "nodes": [{"name": n.name, "internalIP": n.ip, "podCIDR": ",".join(n.pod_cidrs)} for n in self.nodes]}
 
 
-def _clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("CNI_")}
-
-
 def _run_conflist(pod: Pod, verb: str) -> None:
     """Run the node's conflist like libcni (name and cniVersion injected, prevResult chained)."""
     conflist = pod.node.conflist()
@@ -154,7 +130,7 @@ def _run_conflist(pod: Pod, verb: str) -> None:
 
 
 def _connect(src: Pod, address: str) -> subprocess.CompletedProcess:
-    return src.ns.exec(sys.executable, "-c", CLIENT, address, str(PORT), check=False, timeout=15)
+    return src.ns.exec(sys.executable, "-c", PEER_ECHO_CLIENT, address, str(PORT), check=False, timeout=15)
 
 
 def _converge(cluster: Cluster, backend: str, topology: Path | None = None) -> None:
@@ -231,7 +207,7 @@ def cluster(tmp_path_factory):
             made.append(pod.ns)
             cluster.pods.append(pod)
             _run_conflist(pod, "ADD")
-            proc = subprocess.Popen(["ip", "netns", "exec", pod.ns.name, sys.executable, "-c", SERVER, str(PORT)],
+            proc = subprocess.Popen(["ip", "netns", "exec", pod.ns.name, sys.executable, "-c", PEER_ECHO_SERVER, str(PORT)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             cluster.servers.append(proc)
             assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
@@ -389,7 +365,7 @@ def test_a_restarted_agent_adopts_what_it_made_and_drops_what_went_stale(cluster
     def start() -> subprocess.Popen:
         argv = [a for a in n1.agent_argv(live) if a != "--once"] + ["--resync", "0.2"]
         return subprocess.Popen(["ip", "netns", "exec", n1.ns.name, *argv], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, env=_clean_env())
+                                stderr=subprocess.PIPE, text=True, env=agent_env())
 
     first = start()
     try:
